@@ -1,0 +1,256 @@
+"""Inference: resolve a model name, keep loaded models, segment 2D images and 3D stacks.
+
+``diameter=None`` means *no rescaling* in cellpose 4: the image is segmented
+at its own scale. Cellpose-SAM has no size model, so nothing is estimated
+(the original service's "auto-detect" wording was wrong). Give ``diameter``
+when your objects are far from ~30 px across; the image is then resized by
+``30 / diameter`` before the network and the masks are resized back.
+
+Large 2D images are cut by cellpose into 256x256 tiles (``tile_overlap``
+apart) and run ``batch_size`` tiles at a time. 3D stacks ``(Z, C, H, W)``
+are segmented either as a true 3D volume (``do_3D=True``: the network runs
+on YX, ZY and ZX slices and the flows are combined) or plane by plane, with
+planes stitched into 3D objects where masks overlap by more than
+``stitch_threshold`` IoU.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+from collections import OrderedDict
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from cellpose_finetuning.engine.models import PRETRAINED_MODELS, load_cellpose_model
+from cellpose_finetuning.engine.schemas import InferenceSettings
+from cellpose_finetuning.engine.sessions import SessionStore
+from cellpose_finetuning.errors import InvalidInput, NotFound
+
+if TYPE_CHECKING:
+    from cellpose.models import CellposeModel
+
+__all__ = ["ModelCache", "ModelRef", "ModelResolver", "segment", "to_label_dtype"]
+
+
+@dataclass(frozen=True)
+class ModelRef:
+    """A resolved model: what to load and how users call it."""
+
+    name: str
+    source: str  # "cpsam" or a checkpoint path
+    kind: str  # "pretrained", "checkpoint" or "session"
+
+    def cache_key(self) -> tuple[str, float]:
+        """Key that changes when the checkpoint file is rewritten."""
+        if self.kind == "pretrained":
+            return (self.source, 0.0)
+        try:
+            return (self.source, os.stat(self.source).st_mtime)
+        except FileNotFoundError:
+            return (self.source, -1.0)
+
+
+class ModelResolver:
+    """Turn the ``model`` argument into something loadable.
+
+    Looked up in order: pretrained names (``cpsam``), checkpoint files in
+    ``models_dir`` by file stem, session ids in ``sessions``, and (when
+    ``allow_paths``, i.e. for the local CLI) checkpoint paths and session
+    directories.
+    """
+
+    def __init__(
+        self,
+        *,
+        models_dir: str | os.PathLike[str] | None = None,
+        sessions: SessionStore | None = None,
+        allow_paths: bool = False,
+    ) -> None:
+        self.models_dir = Path(models_dir) if models_dir else None
+        self.sessions = sessions
+        self.allow_paths = allow_paths
+
+    def checkpoints(self) -> dict[str, Path]:
+        """Checkpoint files offered by name (file stem -> path)."""
+        if not self.models_dir or not self.models_dir.is_dir():
+            return {}
+        return {p.stem: p for p in sorted(self.models_dir.glob("*.pth")) if p.is_file()}
+
+    def pretrained_names(self) -> list[str]:
+        """Names of the pretrained models: ``cpsam`` plus the checkpoints by stem."""
+        return [*PRETRAINED_MODELS, *self.checkpoints()]
+
+    def resolve(
+        self, model: str, *, owner: str | None = None, checkpoint: str = "best"
+    ) -> ModelRef:
+        """Resolve ``model``.
+
+        Parameters
+        ----------
+        model : str
+            Pretrained name, checkpoint stem, session id, or (CLI) a path.
+        owner : str, optional
+            Only this user's sessions are visible.
+        checkpoint : {"best", "last"}
+            Which checkpoint of a session to use.
+
+        Raises
+        ------
+        NotFound
+            If nothing matches (another user's session is also "not found").
+        """
+        if not isinstance(model, str) or not model:
+            raise InvalidInput("model", "must be a non-empty string")
+        if model in PRETRAINED_MODELS:
+            return ModelRef(model, model, "pretrained")
+        checkpoints = self.checkpoints()
+        if model in checkpoints:
+            return ModelRef(model, str(checkpoints[model]), "checkpoint")
+        if self.allow_paths:
+            path = Path(model).expanduser()
+            if path.is_file():
+                return ModelRef(model, str(path), "checkpoint")
+            if (path / "status.json").is_file():
+                from cellpose_finetuning.engine.sessions import Session
+
+                return self._session_ref(Session(path), model, checkpoint)
+        elif "/" in model or "\\" in model or model.startswith("."):
+            raise InvalidInput("model", f"{model!r}: model names may not contain paths")
+        if self.sessions is not None and self.sessions.exists(model):
+            session = self.sessions.get(model, owner=owner)
+            return self._session_ref(session, model, checkpoint)
+        raise NotFound(
+            "model",
+            model,
+            f"Available: {self.pretrained_names()} or the id of one of your training sessions.",
+        )
+
+    @staticmethod
+    def _session_ref(session: Any, name: str, checkpoint: str) -> ModelRef:
+        weights = session.weights(checkpoint)
+        if not weights.is_file():
+            state = session.read_status().status_type
+            raise InvalidInput(
+                "model", f"session {session.id!r} has no weights yet (it is {state})"
+            )
+        return ModelRef(name, str(weights), "session")
+
+
+class ModelCache:
+    """Loaded models, least recently used dropped first. Thread-safe.
+
+    Parameters
+    ----------
+    max_models : int
+        How many models to keep loaded.
+    device : str, optional
+        Torch device for every model.
+    """
+
+    def __init__(self, max_models: int = 2, device: str | None = None) -> None:
+        self.max_models = max_models
+        self.device = device
+        self._models: OrderedDict[tuple[str, float], CellposeModel] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def get(self, ref: ModelRef) -> CellposeModel:
+        """Load (or reuse) the model behind ``ref``."""
+        key = ref.cache_key()
+        with self._lock:
+            if key in self._models:
+                self._models.move_to_end(key)
+                return self._models[key]
+            model, _arch = load_cellpose_model(ref.source, device=self.device)
+            self._models[key] = model
+            while len(self._models) > self.max_models:
+                self._models.popitem(last=False)
+            return model
+
+    def __len__(self) -> int:
+        return len(self._models)
+
+
+def to_label_dtype(masks: np.ndarray) -> np.ndarray:
+    """uint16 labels, or uint32 when there are more than 65535 objects."""
+    masks = np.asarray(masks)
+    top = int(masks.max()) if masks.size else 0
+    return masks.astype("uint16" if top <= np.iinfo("uint16").max else "uint32", copy=False)
+
+
+def segment(
+    model: CellposeModel,
+    image: np.ndarray,
+    settings: InferenceSettings | None = None,
+    *,
+    name: str = "image",
+) -> np.ndarray:
+    """Segment one image with a loaded model.
+
+    Parameters
+    ----------
+    model : cellpose.models.CellposeModel
+        From :class:`ModelCache` or :func:`load_cellpose_model`.
+    image : numpy.ndarray
+        Canonical axes: (C, H, W) for 2D, (Z, C, H, W) for a 3D stack
+        (see :func:`cellpose_finetuning.io.images.to_canonical`).
+    settings : InferenceSettings, optional
+        Thresholds, diameter, 3D mode.
+    name : str
+        How to name the image in error messages.
+
+    Returns
+    -------
+    numpy.ndarray
+        Labels, (H, W) or (Z, H, W); uint16, or uint32 above 65535 objects.
+    """
+    settings = settings or InferenceSettings()
+    image = np.asarray(image)
+    if image.ndim not in (3, 4):
+        raise InvalidInput(name, f"expected (C,H,W) or (Z,C,H,W), got shape {image.shape}")
+    is_3d = image.ndim == 4
+    if (settings.do_3D or settings.stitch_threshold > 0) and not is_3d:
+        raise InvalidInput(name, "do_3D and stitch_threshold need a (Z,C,H,W) stack")
+    kwargs: dict[str, Any] = {
+        "channel_axis": 0 if not is_3d else 1,
+        "diameter": settings.diameter,
+        "flow_threshold": settings.flow_threshold,
+        "cellprob_threshold": settings.cellprob_threshold,
+        "niter": settings.niter,
+        "batch_size": settings.batch_size,
+        "min_size": settings.min_size,
+        "tile_overlap": settings.tile_overlap,
+        "bsize": int(model.net.encoder.pos_embed.shape[1] * model.net.ps),
+    }
+    if is_3d:
+        kwargs.update(
+            z_axis=0,
+            do_3D=settings.do_3D,
+            stitch_threshold=settings.stitch_threshold,
+            anisotropy=settings.anisotropy,
+        )
+        if not settings.do_3D and settings.stitch_threshold == 0:
+            # Plane by plane without stitching: independent 2D label images.
+            planes = [segment(model, plane, settings, name=name) for plane in image]
+            return to_label_dtype(np.stack(planes))
+    masks, _flows, _styles = model.eval(image.astype("float32", copy=False), **kwargs)
+    masks = np.asarray(masks)
+    expected = image.shape[-2:] if not is_3d else (image.shape[0], *image.shape[-2:])
+    if masks.shape != tuple(expected):
+        masks = masks.reshape(expected)
+    return to_label_dtype(masks)
+
+
+def segment_many(
+    model: CellposeModel,
+    images: Sequence[np.ndarray],
+    settings: InferenceSettings | None = None,
+    names: Sequence[str] | None = None,
+) -> list[np.ndarray]:
+    """Segment several images one after the other (see :func:`segment`)."""
+    names = names or [f"image[{i}]" for i in range(len(images))]
+    return [segment(model, img, settings, name=n) for img, n in zip(images, names, strict=True)]

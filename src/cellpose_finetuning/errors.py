@@ -1,0 +1,61 @@
+"""Typed errors shared by every layer.
+
+Inside the package we raise these; the service edge turns them into one clear
+message for the remote caller, and the CLI into a one-line error and a non-zero
+exit code. Every error names the argument or file it is about, so a user knows
+what to fix without reading a traceback.
+"""
+
+from __future__ import annotations
+
+__all__ = [
+    "CellposeFinetuningError",
+    "Conflict",
+    "Forbidden",
+    "InvalidInput",
+    "NotFound",
+    "ResourceLimit",
+]
+
+
+class CellposeFinetuningError(Exception):
+    """Base class of every error this package raises on purpose."""
+
+
+class InvalidInput(CellposeFinetuningError, ValueError):
+    """An argument or an input file is not acceptable.
+
+    Parameters
+    ----------
+    what : str
+        The argument name (``"n_epochs"``) or file path the problem is about.
+    reason : str
+        What is wrong with it, in the user's words.
+    """
+
+    def __init__(self, what: str, reason: str) -> None:
+        self.what = what
+        self.reason = reason
+        super().__init__(f"{what}: {reason}")
+
+
+class NotFound(CellposeFinetuningError, LookupError):
+    """A session, model, artifact or file does not exist (or is not the caller's)."""
+
+    def __init__(self, kind: str, name: str, hint: str = "") -> None:
+        self.kind = kind
+        self.name = name
+        msg = f"{kind} not found: {name!r}"
+        super().__init__(f"{msg}. {hint}" if hint else msg)
+
+
+class Forbidden(CellposeFinetuningError, PermissionError):
+    """The caller may not do this (anonymous caller, no write permission...)."""
+
+
+class Conflict(CellposeFinetuningError):
+    """The request clashes with the current state (duplicate name, session busy...)."""
+
+
+class ResourceLimit(CellposeFinetuningError):
+    """A configured limit (pixels, files, epochs, concurrent sessions) was exceeded."""
