@@ -58,7 +58,7 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 
-class StopRequested(Exception):  # noqa: N818 - a signal, not an error
+class StopRequested(Exception):
     """Raised inside the loop when the session's STOP marker appears."""
 
 

@@ -1,0 +1,570 @@
+"""Command line: train, watch, stop, continue and use models on local folders.
+
+Built on click (argument parsing, help pages) and tqdm (progress bars).
+Errors print as one line and exit non-zero; ``--verbose`` adds the traceback.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import sys
+import time
+from collections.abc import Callable
+from functools import wraps
+from pathlib import Path
+from typing import Any, TypeVar
+
+import click
+
+from cellpose_finetuning.errors import CellposeFinetuningError
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+EXIT_USER_ERROR = 2
+EXIT_FAILED = 1
+
+
+def _friendly_errors(func: F) -> F:
+    """Turn our typed errors (and a few common ones) into one-line messages."""
+
+    @wraps(func)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        verbose = click.get_current_context().find_root().params.get("verbose", False)
+        try:
+            return func(*args, **kwargs)
+        except (CellposeFinetuningError, FileNotFoundError, ValueError) as exc:
+            if verbose:
+                raise
+            click.echo(f"Error: {exc}", err=True)
+            sys.exit(EXIT_USER_ERROR)
+
+    return wrapper  # type: ignore[return-value]
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+@click.option("--verbose", "-v", is_flag=True, help="Show tracebacks and debug logs.")
+@click.version_option(package_name="cellpose-finetuning")
+def main(verbose: bool) -> None:
+    """Fine-tune Cellpose-SAM on your annotated images and segment with the result.
+
+    \b
+    Quick start (local folders, no server):
+      cellpose-finetuning init-model --preset tiny --out tiny.pth
+      cellpose-finetuning train --train-images data/images/ --train-annotations \\
+          data/annotations/ --model tiny.pth --n-epochs 3 --out runs/first
+      cellpose-finetuning infer --model runs/first new_images/*.tif --out masks/
+    """
+    logging.basicConfig(
+        level=logging.DEBUG if verbose else logging.WARNING,
+        format="%(levelname)s %(name)s: %(message)s",
+    )
+
+
+# --------------------------------------------------------------------------- init-model
+@main.command("init-model")
+@click.option(
+    "--preset",
+    type=click.Choice(["tiny", "small", "cpsam"]),
+    default="tiny",
+    show_default=True,
+    help="tiny: ~0.75 M parameters (tests, CPU demos); small: ~1.7 M; cpsam: the real "
+    "Cellpose-SAM size (304 M, 1.2 GB file).",
+)
+@click.option("--out", "out", type=click.Path(dir_okay=False, path_type=Path), required=True)
+@click.option("--seed", type=int, default=0, show_default=True)
+@_friendly_errors
+def init_model(preset: str, out: Path, seed: int) -> None:
+    """Write an untrained network of cellpose's own Transformer class.
+
+    \b
+    Example:
+      cellpose-finetuning init-model --preset tiny --out tiny.pth
+    """
+    import torch
+
+    from cellpose_finetuning.engine.models import PRESETS, build_network, save_network
+
+    torch.manual_seed(seed)
+    net = build_network(PRESETS[preset])
+    save_network(net, PRESETS[preset], out)
+    n_params = sum(p.numel() for p in net.parameters())
+    click.echo(f"Wrote {out} ({preset}, {n_params:,} parameters)")
+
+
+# --------------------------------------------------------------------------- train
+def _local_pairs(images: str, annotations: str, images_arg: str, annotations_arg: str) -> list:
+    from cellpose_finetuning.data.local import pair_local_specs
+
+    return pair_local_specs(
+        images, annotations, images_arg=images_arg, annotations_arg=annotations_arg
+    )
+
+
+def _follow(session: Any, worker: Any, as_json: bool) -> Any:
+    """Show a progress bar until the worker ends; Ctrl-C asks the run to stop."""
+    from tqdm import tqdm
+
+    status = session.read_status()
+    bar = tqdm(
+        total=status.total_epochs or 0,
+        initial=status.current_epoch or 0,
+        unit="epoch",
+        disable=as_json,
+        dynamic_ncols=True,
+    )
+    last_mtime = 0.0
+    try:
+        while worker.is_alive():
+            worker.process.join(0.25)
+            try:
+                mtime = session.status_file.stat().st_mtime
+            except FileNotFoundError:
+                continue
+            if mtime == last_mtime:
+                continue
+            last_mtime = mtime
+            status = session.read_status(reconcile=False)
+            bar.total = status.total_epochs or bar.total
+            bar.n = status.current_epoch or 0
+            postfix: dict[str, str] = {"state": status.status_type}
+            if status.train_losses:
+                postfix["loss"] = f"{status.train_losses[-1]:.4f}"
+            f1 = next((m.f1 for m in reversed(status.test_metrics) if m), None)
+            if f1 is not None:
+                postfix["F1"] = f"{f1:.3f}"
+            bar.set_postfix(postfix, refresh=False)
+            bar.set_description(status.status_type)
+            bar.refresh()
+    except KeyboardInterrupt:
+        session.request_stop()
+        click.echo("\nStopping after the current batch (Ctrl-C again to abort)...", err=True)
+        worker.process.join()
+    finally:
+        status = worker.wait()
+        bar.n = status.current_epoch or 0
+        bar.refresh()
+        bar.close()
+    return status
+
+
+def _report(status: Any, session: Any, as_json: bool) -> None:
+    if as_json:
+        click.echo(status.model_dump_json(indent=1))
+    else:
+        click.echo(f"[{status.status_type}] {status.message}")
+        if status.instance_metrics:
+            im = status.instance_metrics
+            click.echo(
+                f"Test set: AP@0.5={im.ap_0_5:.3f} AP@0.75={im.ap_0_75:.3f} "
+                f"AP@0.9={im.ap_0_9:.3f} ({im.n_pred} predicted, {im.n_true} true objects)"
+            )
+        click.echo(f"Session: {session.path}")
+        if session.curves_file.is_file():
+            click.echo(f"Curves:  {session.curves_file}")
+    if status.status_type == "failed":
+        sys.exit(EXIT_FAILED)
+
+
+@main.command()
+@click.option(
+    "--train-images", required=True, help="Folder ending in '/' or a pattern like 'imgs/*.tif'."
+)
+@click.option(
+    "--train-annotations",
+    required=True,
+    help="Folder ending in '/' (same file "
+    "names) or a pattern like 'masks/*_mask.tif' (the '*' parts must match).",
+)
+@click.option("--test-images", default=None, help="Test images, same forms.")
+@click.option("--test-annotations", default=None, help="Test masks, same forms.")
+@click.option(
+    "--model",
+    default="cpsam",
+    show_default=True,
+    help="Base model: 'cpsam', a .pth checkpoint, or a session directory.",
+)
+@click.option("--n-epochs", type=int, default=10, show_default=True)
+@click.option("--learning-rate", type=float, default=1e-6, show_default=True)
+@click.option("--weight-decay", type=float, default=1e-4, show_default=True)
+@click.option(
+    "--validation-interval",
+    type=int,
+    default=None,
+    help="Validate every K epochs (always the first and last). Default 10.",
+)
+@click.option("--n-samples", type=int, default=None, help="Random subset of training pairs.")
+@click.option("--batch-size", type=int, default=1, show_default=True)
+@click.option("--min-train-masks", type=int, default=1, show_default=True)
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--device", default=None, help="Torch device (default: cuda, mps or cpu).")
+@click.option(
+    "--out",
+    "out",
+    type=click.Path(file_okay=False, path_type=Path),
+    required=True,
+    help="Session directory to create.",
+)
+@click.option("--detach", is_flag=True, help="Start the run and return at once.")
+@click.option("--json", "as_json", is_flag=True, help="Print the final status as JSON.")
+@_friendly_errors
+def train(
+    train_images: str,
+    train_annotations: str,
+    test_images: str | None,
+    test_annotations: str | None,
+    model: str,
+    n_epochs: int,
+    learning_rate: float,
+    weight_decay: float,
+    validation_interval: int | None,
+    n_samples: int | None,
+    batch_size: int,
+    min_train_masks: int,
+    seed: int,
+    device: str | None,
+    out: Path,
+    detach: bool,
+    as_json: bool,
+) -> None:
+    """Fine-tune a model on local images and masks.
+
+    \b
+    Examples:
+      cellpose-finetuning train --train-images data/images/train/ \\
+          --train-annotations data/annotations/train/ --model cpsam \\
+          --n-epochs 100 --learning-rate 1e-5 --weight-decay 0.1 --out runs/a
+      cellpose-finetuning train --train-images 'imgs/*.ome.tif' \\
+          --train-annotations 'masks/*_mask.ome.tif' --test-images test/imgs/ \\
+          --test-annotations test/masks/ --validation-interval 1 --model tiny.pth \\
+          --n-epochs 3 --out runs/b
+    """
+    from cellpose_finetuning.engine.runs import create_local_session
+    from cellpose_finetuning.engine.training import start_worker
+
+    session = create_local_session(
+        out=out,
+        train_pairs=_local_pairs(
+            train_images, train_annotations, "--train-images", "--train-annotations"
+        ),
+        test_pairs=_test_pairs(test_images, test_annotations),
+        settings=dict(
+            model=model,
+            n_epochs=n_epochs,
+            learning_rate=learning_rate,
+            weight_decay=weight_decay,
+            validation_interval=validation_interval,
+            n_samples=n_samples,
+            batch_size=batch_size,
+            min_train_masks=min_train_masks,
+            seed=seed,
+            device=device,
+        ),
+        source={
+            "train_images": train_images,
+            "train_annotations": train_annotations,
+            "test_images": test_images,
+            "test_annotations": test_annotations,
+        },
+    )
+    worker = start_worker(session)
+    if detach:
+        click.echo(f"Started {session.path} (worker pid {worker.pid})")
+        return
+    _report(_follow(session, worker, as_json), session, as_json)
+
+
+def _test_pairs(test_images: str | None, test_annotations: str | None) -> list:
+    from cellpose_finetuning.errors import InvalidInput
+
+    if (test_images is None) != (test_annotations is None):
+        missing = "--test-annotations" if test_annotations is None else "--test-images"
+        raise InvalidInput(missing, "test images and test annotations must be given together")
+    if test_images is None or test_annotations is None:
+        return []
+    return _local_pairs(test_images, test_annotations, "--test-images", "--test-annotations")
+
+
+def _open_session(path: Path) -> Any:
+    from cellpose_finetuning.engine.sessions import SessionStore
+
+    path = Path(path)
+    return SessionStore(path.parent if str(path.parent) else ".").get(path.name)
+
+
+@main.command("continue")
+@click.argument("session_dir", type=click.Path(file_okay=False, path_type=Path))
+@click.option(
+    "--n-epochs",
+    type=int,
+    default=None,
+    help="Epochs to add (default: the session's n_epochs; a stopped or failed run "
+    "first finishes its planned epochs).",
+)
+@click.option("--detach", is_flag=True, help="Start and return at once.")
+@click.option("--json", "as_json", is_flag=True, help="Print the final status as JSON.")
+@_friendly_errors
+def continue_(session_dir: Path, n_epochs: int | None, detach: bool, as_json: bool) -> None:
+    """Continue a completed, stopped or failed session from its last weights.
+
+    \b
+    Example:
+      cellpose-finetuning continue runs/first --n-epochs 5
+    """
+    from cellpose_finetuning.engine.training import continue_session, start_worker
+
+    session = _open_session(session_dir)
+    continue_session(session, n_epochs)
+    worker = start_worker(session, resume=True)
+    if detach:
+        click.echo(f"Continuing {session.path} (worker pid {worker.pid})")
+        return
+    _report(_follow(session, worker, as_json), session, as_json)
+
+
+@main.command()
+@click.argument("session_dir", type=click.Path(file_okay=False, path_type=Path))
+@click.option(
+    "--plot",
+    "plot",
+    type=click.Path(dir_okay=False, path_type=Path),
+    default=None,
+    is_flag=False,
+    flag_value=Path("-"),
+    help="Also draw the training curves (to the given PNG, or the session's).",
+)
+@_friendly_errors
+def status(session_dir: Path, plot: Path | None) -> None:
+    """Print a session's status as JSON (the service's get_training_status).
+
+    \b
+    Example:
+      cellpose-finetuning status runs/first --plot
+    """
+    session = _open_session(session_dir)
+    st = session.read_status()
+    click.echo(st.model_dump_json(indent=1))
+    if plot is not None:
+        from cellpose_finetuning.engine.plots import plot_training_curves
+
+        target = session.curves_file if str(plot) == "-" else plot
+        click.echo(f"Curves: {plot_training_curves(st, target)}", err=True)
+
+
+@main.command()
+@click.argument("session_dir", type=click.Path(file_okay=False, path_type=Path))
+@click.option(
+    "--wait/--no-wait", default=True, show_default=True, help="Wait until the run has stopped."
+)
+@_friendly_errors
+def stop(session_dir: Path, wait: bool) -> None:
+    """Ask a running session to stop after the current batch, keeping its weights.
+
+    \b
+    Example:
+      cellpose-finetuning stop runs/first
+    """
+    from cellpose_finetuning.engine.schemas import TERMINAL_STATES
+
+    session = _open_session(session_dir)
+    st = session.read_status()
+    if st.status_type in TERMINAL_STATES:
+        click.echo(f"Session is already {st.status_type}.")
+        return
+    session.request_stop()
+    click.echo("Stop requested.")
+    while wait and session.read_status().status_type not in TERMINAL_STATES:
+        time.sleep(0.25)
+    if wait:
+        click.echo(f"[{session.read_status().status_type}] {session.read_status().message}")
+
+
+# --------------------------------------------------------------------------- infer
+@main.command()
+@click.option("--model", required=True, help="'cpsam', a .pth checkpoint, or a session directory.")
+@click.argument("images", nargs=-1, required=True, type=click.Path(path_type=Path))
+@click.option(
+    "--out",
+    "out",
+    type=click.Path(file_okay=False, path_type=Path),
+    required=True,
+    help="Folder for the label TIFFs (<image stem>_masks.tif).",
+)
+@click.option(
+    "--diameter",
+    type=float,
+    default=None,
+    help="Object diameter in pixels; the image is resized by 30/diameter. Default: no resizing.",
+)
+@click.option("--flow-threshold", type=float, default=0.4, show_default=True)
+@click.option("--cellprob-threshold", type=float, default=0.0, show_default=True)
+@click.option("--niter", type=int, default=None, help="Dynamics iterations (default: auto).")
+@click.option("--batch-size", type=int, default=8, show_default=True)
+@click.option("--do-3d", "do_3d", is_flag=True, help="3D segmentation of (Z,C,H,W) stacks.")
+@click.option(
+    "--stitch-threshold",
+    type=float,
+    default=0.0,
+    show_default=True,
+    help="Segment stack planes in 2D and stitch them (IoU threshold).",
+)
+@click.option(
+    "--checkpoint",
+    type=click.Choice(["best", "last"]),
+    default="best",
+    show_default=True,
+    help="Which checkpoint of a session to use.",
+)
+@click.option("--device", default=None)
+@click.option("--overlay", is_flag=True, help="Also write <stem>_overlay.png pictures.")
+@click.option("--json", "as_json", is_flag=True, help="Print a JSON summary.")
+@_friendly_errors
+def infer(
+    model: str,
+    images: tuple[Path, ...],
+    out: Path,
+    diameter: float | None,
+    flow_threshold: float,
+    cellprob_threshold: float,
+    niter: int | None,
+    batch_size: int,
+    do_3d: bool,
+    stitch_threshold: float,
+    checkpoint: str,
+    device: str | None,
+    overlay: bool,
+    as_json: bool,
+) -> None:
+    """Segment images and write label masks as TIFF.
+
+    \b
+    Examples:
+      cellpose-finetuning infer --model runs/first data/images/test/*.tif --out masks/
+      cellpose-finetuning infer --model cpsam --diameter 17 big.tif --out masks/
+    """
+    from tqdm import tqdm
+
+    from cellpose_finetuning.engine.inference import ModelCache, ModelResolver, segment
+    from cellpose_finetuning.engine.schemas import InferenceSettings
+    from cellpose_finetuning.io.images import read_image, write_mask
+
+    settings = InferenceSettings(
+        diameter=diameter,
+        flow_threshold=flow_threshold,
+        cellprob_threshold=cellprob_threshold,
+        niter=niter,
+        batch_size=batch_size,
+        do_3D=do_3d,
+        stitch_threshold=stitch_threshold,
+    )
+    ref = ModelResolver(allow_paths=True).resolve(model, checkpoint=checkpoint)
+    cp_model = ModelCache(device=device).get(ref)
+    out.mkdir(parents=True, exist_ok=True)
+    summary = []
+    for path in tqdm(images, unit="image", disable=as_json or len(images) < 2):
+        image = read_image(path)
+        masks = segment(cp_model, image, settings, name=str(path))
+        stem = path.name.split(".")[0]
+        target = out / f"{stem}_masks.tif"
+        write_mask(target, masks)
+        if overlay and image.ndim == 3:
+            from PIL import Image
+
+            from cellpose_finetuning.engine.plots import overlay_masks
+
+            Image.fromarray(overlay_masks(image, masks)).save(out / f"{stem}_overlay.png")
+        n_obj = int(len(set(masks.ravel().tolist())) - (1 if (masks == 0).any() else 0))
+        summary.append(
+            {
+                "image": str(path),
+                "masks": str(target),
+                "shape": list(masks.shape),
+                "dtype": str(masks.dtype),
+                "n_objects": n_obj,
+            }
+        )
+        if not as_json:
+            tqdm.write(f"{path} -> {target} ({n_obj} objects)")
+    if as_json:
+        click.echo(json.dumps(summary, indent=1))
+
+
+# --------------------------------------------------------------------------- demo
+@main.command()
+@click.option(
+    "--data",
+    type=click.Path(file_okay=False, path_type=Path),
+    default=Path("tests/assets/dev"),
+    show_default=True,
+    help="A folder with images/{train,test}/ and annotations/{train,test}/.",
+)
+@click.option(
+    "--workdir",
+    type=click.Path(file_okay=False, path_type=Path),
+    default=Path("runs/demo"),
+    show_default=True,
+)
+@click.option("--n-epochs", type=int, default=5, show_default=True)
+@_friendly_errors
+def demo(data: Path, workdir: Path, n_epochs: int) -> None:
+    """Train the tiny network on the bundled dev images and segment the test images.
+
+    \b
+    Example:
+      cellpose-finetuning demo --n-epochs 5
+    """
+    import shutil
+
+    ctx = click.get_current_context()
+    if workdir.exists():
+        shutil.rmtree(workdir)
+    workdir.mkdir(parents=True)
+    model = workdir / "tiny.pth"
+    ctx.invoke(init_model, preset="tiny", out=model, seed=0)
+    ctx.invoke(
+        train,
+        train_images=f"{data}/images/train/",
+        train_annotations=f"{data}/annotations/train/",
+        test_images=f"{data}/images/test/",
+        test_annotations=f"{data}/annotations/test/",
+        model=str(model),
+        n_epochs=n_epochs,
+        learning_rate=3e-3,
+        weight_decay=1e-4,
+        validation_interval=1,
+        n_samples=None,
+        batch_size=1,
+        min_train_masks=1,
+        seed=0,
+        device=None,
+        out=workdir / "session",
+        detach=False,
+        as_json=False,
+    )
+    ctx.invoke(
+        infer,
+        model=str(workdir / "session"),
+        images=tuple(sorted((data / "images" / "test").glob("*.tif"))),
+        out=workdir / "masks",
+        diameter=None,
+        flow_threshold=0.4,
+        cellprob_threshold=0.0,
+        niter=None,
+        batch_size=8,
+        do_3d=False,
+        stitch_threshold=0.0,
+        checkpoint="best",
+        device=None,
+        overlay=True,
+        as_json=False,
+    )
+
+
+def run() -> None:  # pragma: no cover - console entry point alias
+    """Console entry point."""
+    main(prog_name=os.path.basename(sys.argv[0]) or "cellpose-finetuning")
+
+
+if __name__ == "__main__":  # pragma: no cover
+    main()

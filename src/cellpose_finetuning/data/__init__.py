@@ -1,0 +1,1 @@
+"""Where training data comes from: pairing file names, local folders, artifacts."""

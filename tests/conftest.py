@@ -1,0 +1,71 @@
+"""Fixtures shared by the whole suite: the dev data and a tiny cellpose network.
+
+cellpose reads ``CELLPOSE_LOCAL_MODELS_PATH`` once, at import time, so it is
+pointed at an empty temporary folder before anything imports cellpose: no
+test can download weights or touch the real home directory.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+
+_ISOLATED = Path(tempfile.mkdtemp(prefix="cpft-tests-"))
+os.environ.setdefault("CELLPOSE_LOCAL_MODELS_PATH", str(_ISOLATED / "cellpose-models"))
+os.environ.setdefault("MPLBACKEND", "Agg")
+
+import pytest  # noqa: E402
+
+ASSETS = Path(__file__).parent / "assets"
+DEV = ASSETS / "dev"
+
+
+@pytest.fixture(scope="session")
+def dev_data() -> Path:
+    """The dev dataset (images/, annotations/ with train, test, pattern, 3d)."""
+    assert (DEV / "images" / "train").is_dir(), "tests/assets/dev is missing"
+    return DEV
+
+
+def _pairs(root: Path, split: str) -> list[tuple[Path, Path]]:
+    images = sorted((root / "images" / split).glob("*.tif"))
+    return [(p, root / "annotations" / split / p.name) for p in images]
+
+
+@pytest.fixture(scope="session")
+def train_pairs(dev_data: Path) -> list[tuple[Path, Path]]:
+    """The five dev training pairs (nuclei 256x256, bacteria 288x320)."""
+    return _pairs(dev_data, "train")
+
+
+@pytest.fixture(scope="session")
+def test_pairs(dev_data: Path) -> list[tuple[Path, Path]]:
+    """The two dev test pairs."""
+    return _pairs(dev_data, "test")
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """An untrained tiny network of cellpose's Transformer class, as a .pth file."""
+    import torch
+
+    from cellpose_finetuning.engine.models import PRESETS, build_network, save_network
+
+    torch.manual_seed(0)
+    path = tmp_path_factory.mktemp("models") / "tiny.pth"
+    save_network(build_network(PRESETS["tiny"]), PRESETS["tiny"], path)
+    return path
+
+
+def wait_until(predicate, timeout: float = 120.0, interval: float = 0.1):
+    """Poll ``predicate`` until it returns a truthy value (status files have no events)."""
+    import time
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(interval)
+    raise TimeoutError(f"condition not met within {timeout} s")

@@ -1,0 +1,160 @@
+"""The command line, end to end on the dev images with the tiny model."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import tifffile
+from click.testing import CliRunner
+
+from cellpose_finetuning.cli import main
+
+
+def _run(*args: str) -> tuple[int, str]:
+    result = CliRunner().invoke(main, list(args), catch_exceptions=False)
+    return result.exit_code, result.output
+
+
+@pytest.fixture(scope="module")
+def trained_session(tmp_path_factory, dev_data):
+    """init-model, then train 3 epochs with validation every epoch (the acceptance run)."""
+    tmp = tmp_path_factory.mktemp("cli")
+    code, out = _run("init-model", "--preset", "tiny", "--out", str(tmp / "tiny.pth"))
+    assert code == 0, out
+    code, out = _run(
+        "train",
+        "--train-images",
+        f"{dev_data}/images/train/",
+        "--train-annotations",
+        f"{dev_data}/annotations/train/",
+        "--test-images",
+        f"{dev_data}/images/test/",
+        "--test-annotations",
+        f"{dev_data}/annotations/test/",
+        "--model",
+        str(tmp / "tiny.pth"),
+        "--n-epochs",
+        "3",
+        "--validation-interval",
+        "1",
+        "--learning-rate",
+        "1e-3",
+        "--out",
+        str(tmp / "session"),
+    )
+    assert code == 0, out
+    return tmp / "session"
+
+
+def test_train_reports_a_completed_status_with_all_histories(trained_session):
+    code, out = _run("status", str(trained_session))
+    assert code == 0
+    status = json.loads(out)
+    assert status["status_type"] == "completed"
+    assert len(status["train_losses"]) == 3
+    assert len(status["test_metrics"]) == 3 and all(status["test_metrics"])
+    assert set(status["instance_metrics"]) == {"ap_0_5", "ap_0_75", "ap_0_9", "n_true", "n_pred"}
+    assert (trained_session / "training_curves.png").is_file()
+
+
+def test_infer_writes_one_mask_per_image_with_its_size(trained_session, dev_data, tmp_path):
+    images = sorted((dev_data / "images" / "test").glob("*.tif"))
+    code, out = _run(
+        "infer",
+        "--model",
+        str(trained_session),
+        *map(str, images),
+        "--out",
+        str(tmp_path),
+        "--json",
+    )
+    assert code == 0, out
+    summary = json.loads(out)
+    assert len(summary) == len(images)
+    for image, entry in zip(images, summary, strict=True):
+        mask = tifffile.imread(entry["masks"])
+        assert mask.shape == tifffile.imread(image).shape[-2:]
+        assert mask.dtype in (np.uint16, np.uint32)
+
+
+def test_status_plot_draws_the_curves(trained_session, tmp_path):
+    code, _ = _run("status", str(trained_session), "--plot", str(tmp_path / "c.png"))
+    assert code == 0
+    assert (tmp_path / "c.png").read_bytes().startswith(b"\x89PNG")
+
+
+def test_unmatched_pairs_exit_non_zero_naming_the_argument(tmp_path, dev_data):
+    code, out = _run(
+        "train",
+        "--train-images",
+        f"{dev_data}/images/train/",
+        "--train-annotations",
+        f"{dev_data}/annotations/test/",
+        "--model",
+        "cpsam",
+        "--out",
+        str(tmp_path / "s"),
+    )
+    assert code == 2
+    assert "Error:" in out and "train" in out and "Traceback" not in out
+
+
+def test_test_images_without_annotations_are_refused(tmp_path, dev_data, tiny_model):
+    code, out = _run(
+        "train",
+        "--train-images",
+        f"{dev_data}/images/train/",
+        "--train-annotations",
+        f"{dev_data}/annotations/train/",
+        "--test-images",
+        f"{dev_data}/images/test/",
+        "--model",
+        str(tiny_model),
+        "--out",
+        str(tmp_path / "s"),
+    )
+    assert code == 2 and "--test-annotations" in out
+
+
+def test_unknown_base_model_is_refused(tmp_path, dev_data):
+    code, out = _run(
+        "train",
+        "--train-images",
+        f"{dev_data}/images/train/",
+        "--train-annotations",
+        f"{dev_data}/annotations/train/",
+        "--model",
+        str(tmp_path / "missing.pth"),
+        "--out",
+        str(tmp_path / "s"),
+    )
+    assert code == 2 and "model" in out
+
+
+def test_status_of_a_missing_session_is_a_clear_error(tmp_path):
+    code, out = _run("status", str(tmp_path / "nope"))
+    assert code == 2 and "not found" in out
+
+
+def test_every_command_has_help_with_an_example():
+    for command in ("init-model", "train", "continue", "status", "stop", "infer"):
+        code, out = _run(command, "--help")
+        assert code == 0 and "Example" in out, command
+
+
+def test_training_a_stack_is_refused_naming_the_file(tmp_path, dev_data, tiny_model):
+    code, out = _run(
+        "train",
+        "--train-images",
+        f"{dev_data}/images/3d/",
+        "--train-annotations",
+        f"{dev_data}/annotations/3d/",
+        "--model",
+        str(tiny_model),
+        "--out",
+        str(tmp_path / "s"),
+    )
+    # The run starts, then fails reading the stack: exit 1 with the file named.
+    assert code == 1 and "nuclei3d.tif" in out
