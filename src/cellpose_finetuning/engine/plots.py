@@ -35,6 +35,7 @@ def plot_training_curves(status: TrainingStatus, path: str | os.PathLike[str]) -
 
     matplotlib.use("Agg", force=False)
     from matplotlib.figure import Figure
+    from matplotlib.ticker import MaxNLocator
 
     epochs = np.arange(1, len(status.train_losses) + 1)
     fig = Figure(figsize=(10, 4), dpi=100)
@@ -57,6 +58,8 @@ def plot_training_curves(status: TrainingStatus, path: str | os.PathLike[str]) -
         ax_metric.legend()
     else:
         ax_metric.text(0.5, 0.5, "no test data", ha="center", va="center")
+    for ax in (ax_loss, ax_metric):
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax_metric.set_xlabel("epoch")
     ax_metric.set_title("Validation (foreground)")
     ax_metric.grid(alpha=0.3)
