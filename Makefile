@@ -26,7 +26,7 @@ test-all: setup
 	$(PY) -m pytest -m "slow or not slow"
 
 serve: setup
-	$(VENV)/bin/cellpose-finetuning demo $(SERVE_ARGS)
+	$(VENV)/bin/cellpose-finetuning serve $(SERVE_ARGS)
 
 lint: setup
 	$(VENV)/bin/ruff check src tests benchmarks

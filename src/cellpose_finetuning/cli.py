@@ -490,6 +490,113 @@ def infer(
         click.echo(json.dumps(summary, indent=1))
 
 
+# --------------------------------------------------------------------------- service
+def _stack_options(func: F) -> F:
+    options = [
+        click.option(
+            "--data-dir",
+            type=click.Path(file_okay=False, path_type=Path),
+            default=Path.home() / ".cellpose-finetuning",
+            show_default=True,
+            help="Where the stack keeps S3 data, the database, sessions and models.",
+        ),
+    ]
+    for option in reversed(options):
+        func = option(func)
+    return func
+
+
+@main.command()
+@_stack_options
+@click.option("--hypha-port", type=int, default=9527, show_default=True)
+@click.option("--s3-port", type=int, default=9483, show_default=True)
+@click.option("--weed-master-port", type=int, default=9433, show_default=True)
+@click.option("--weed-volume-port", type=int, default=9480, show_default=True)
+@click.option("--weed-filer-port", type=int, default=9488, show_default=True)
+@click.option(
+    "--user",
+    default="local-user",
+    show_default=True,
+    help="User whose token is printed and written to connection.json.",
+)
+@click.option(
+    "--server-url",
+    default=None,
+    help="Register on this existing Hypha server instead of starting a stack.",
+)
+@click.option("--workspace", default=None, help="Workspace on --server-url.")
+@click.option("--token", default=None, help="Token for --server-url (default: $HYPHA_TOKEN).")
+@click.option("--max-concurrent-trainings", type=int, default=1, show_default=True)
+@_friendly_errors
+def serve(
+    data_dir: Path,
+    hypha_port: int,
+    s3_port: int,
+    weed_master_port: int,
+    weed_volume_port: int,
+    weed_filer_port: int,
+    user: str,
+    server_url: str | None,
+    workspace: str | None,
+    token: str | None,
+    max_concurrent_trainings: int,
+) -> None:
+    """Run the service on its embedded local stack (SeaweedFS + Hypha), or on a server.
+
+    \b
+    Examples:
+      cellpose-finetuning serve                       # local stack, prints URL and token
+      cellpose-finetuning serve --hypha-port 9600 --s3-port 9601
+      HYPHA_TOKEN=... cellpose-finetuning serve --server-url https://hypha.aicell.io
+    """
+    import asyncio
+
+    from cellpose_finetuning.deploy.serve import ServeOptions
+    from cellpose_finetuning.deploy.serve import serve as run_serve
+    from cellpose_finetuning.deploy.stack import StackConfig
+
+    stack = StackConfig(
+        data_dir=data_dir,
+        hypha_port=hypha_port,
+        s3_port=s3_port,
+        weed_master_port=weed_master_port,
+        weed_volume_port=weed_volume_port,
+        weed_filer_port=weed_filer_port,
+    )
+    options = ServeOptions(
+        data_dir=data_dir,
+        stack=None if server_url else stack,
+        server_url=server_url,
+        workspace=workspace,
+        token=token,
+        user=user,
+        service_config={"max_concurrent_trainings": max_concurrent_trainings},
+    )
+    asyncio.run(run_serve(options))
+
+
+@main.command()
+@_stack_options
+@click.option("--user", required=True, help="User id; their workspace is ws-user-<id>.")
+@click.option(
+    "--expires-in", type=int, default=30 * 24 * 3600, show_default=True, help="Lifetime in seconds."
+)
+@_friendly_errors
+def token(data_dir: Path, user: str, expires_in: int) -> None:
+    """Print a token for a user of the embedded stack.
+
+    \b
+    Example:
+      cellpose-finetuning token --user alice
+    """
+    from cellpose_finetuning.deploy.stack import EmbeddedStack, StackConfig
+
+    stack = EmbeddedStack(StackConfig(data_dir=data_dir))
+    if not (stack.data_dir / "secret.json").is_file():
+        raise FileNotFoundError(f"no stack in {data_dir}; run 'cellpose-finetuning serve' first")
+    click.echo(stack.token(user, expires_in=expires_in))
+
+
 # --------------------------------------------------------------------------- demo
 @main.command()
 @click.option(

@@ -189,6 +189,7 @@ class Session:
         if (
             reconcile
             and status.status_type in _LIVE_STATES
+            and status.worker_pid
             and not _process_alive(status.worker_pid, status.worker_create_time)
         ):
             epoch = status.current_epoch or 0

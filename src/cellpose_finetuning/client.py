@@ -1,0 +1,150 @@
+"""A small client for the service: connect, upload a dataset, train, infer.
+
+Only needs ``hypha-rpc`` and ``httpx`` (the ``client`` extra)::
+
+    import asyncio
+    from cellpose_finetuning.client import connect, upload_folder, train
+
+    async def main():
+        server, svc = await connect("http://127.0.0.1:9527", service_id="...")
+        ds = await upload_folder(server, "my-data/", alias="my-dataset")
+        status = await train(svc, artifact=ds, train_images="images/train/",
+                             train_annotations="annotations/train/", n_epochs=10)
+
+    asyncio.run(main())
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+__all__ = ["connect", "follow", "infer", "train", "upload_folder"]
+
+TERMINAL = ("completed", "failed", "stopped")
+
+
+async def connect(
+    server_url: str | None = None,
+    *,
+    token: str | None = None,
+    service_id: str | None = None,
+) -> tuple[Any, Any]:
+    """Connect to Hypha and get the service.
+
+    Parameters
+    ----------
+    server_url : str, optional
+        Default ``$HYPHA_SERVER_URL``.
+    token : str, optional
+        Default ``$HYPHA_TOKEN`` (none: anonymous).
+    service_id : str, optional
+        ``workspace/cellpose-finetuning``; default ``$CELLPOSE_SERVICE_ID``.
+
+    Returns
+    -------
+    (server, service)
+    """
+    from hypha_rpc import connect_to_server
+
+    server_url = server_url or os.environ["HYPHA_SERVER_URL"]
+    token = token or os.environ.get("HYPHA_TOKEN")
+    config: dict[str, Any] = {"server_url": server_url}
+    if token:
+        config["token"] = token
+    server = await connect_to_server(config)
+    service_id = service_id or os.environ.get("CELLPOSE_SERVICE_ID")
+    svc = await server.get_service(service_id) if service_id else None
+    return server, svc
+
+
+async def upload_folder(
+    server: Any,
+    folder: str | os.PathLike[str],
+    *,
+    alias: str,
+    name: str | None = None,
+    public: bool = False,
+    concurrency: int = 16,
+    progress: Callable[[int, int], Any] | None = None,
+) -> str:
+    """Upload every file under ``folder`` as a dataset artifact; return its id.
+
+    Presigned upload URLs are asked for in batches of 500 and files are sent
+    concurrently. The artifact is private unless ``public``.
+    """
+    import httpx
+
+    folder = Path(folder)
+    files = sorted(p for p in folder.rglob("*") if p.is_file())
+    if not files:
+        raise ValueError(f"{folder}: no files to upload")
+    am = await server.get_service("public/artifact-manager")
+    config = {"permissions": {"*": "r"}} if public else {}
+    ds = await am.create(
+        alias=alias,
+        type="dataset",
+        stage=True,
+        manifest={"name": name or alias, "description": f"Uploaded from {folder.name}"},
+        config=config,
+    )
+    rel = [p.relative_to(folder).as_posix() for p in files]
+    urls: dict[str, str] = {}
+    for i in range(0, len(rel), 500):
+        got = await am.put_file(ds["id"], file_path=rel[i : i + 500])
+        urls.update(got)
+    sem = asyncio.Semaphore(concurrency)
+    done = 0
+    async with httpx.AsyncClient(timeout=120) as client:
+
+        async def send(path: Path, key: str) -> None:
+            nonlocal done
+            async with sem:
+                resp = await client.put(urls[key], content=path.read_bytes())
+                resp.raise_for_status()
+            done += 1
+            if progress:
+                progress(done, len(rel))
+
+        await asyncio.gather(*(send(p, k) for p, k in zip(files, rel, strict=True)))
+    await am.commit(ds["id"])
+    return ds["id"]
+
+
+async def follow(
+    svc: Any, session_id: str, *, interval: float = 1.0, show_progress: bool = True
+) -> dict[str, Any]:
+    """Poll a session until it ends, with a tqdm bar; return the final status."""
+    from tqdm import tqdm
+
+    bar = tqdm(unit="epoch", disable=not show_progress)
+    try:
+        while True:
+            status = await svc.get_training_status(session_id)
+            bar.total = status.get("total_epochs") or bar.total
+            bar.n = status.get("current_epoch") or 0
+            bar.set_description(status["status_type"])
+            losses = status.get("train_losses") or []
+            if losses:
+                bar.set_postfix(loss=f"{losses[-1]:.4f}", refresh=False)
+            bar.refresh()
+            if status["status_type"] in TERMINAL:
+                return status
+            await asyncio.sleep(interval)
+    finally:
+        bar.close()
+
+
+async def train(svc: Any, *, show_progress: bool = True, **kwargs: Any) -> dict[str, Any]:
+    """Start a training session with ``kwargs`` (see ``start_training``) and follow it."""
+    started = await svc.start_training(**kwargs)
+    return await follow(svc, started["session_id"], show_progress=show_progress)
+
+
+async def infer(svc: Any, images: list[Any], **kwargs: Any) -> list[Any]:
+    """Segment numpy arrays; returns the label images."""
+    result = await svc.infer(input_arrays=list(images), **kwargs)
+    return [r["output"] for r in result]

@@ -1,0 +1,208 @@
+"""Hypha artifacts as a data source: list (paginated), download (concurrent, cached).
+
+The artifact manager's ``list_files`` returns at most ``limit`` entries per
+call (1000 by default, which was the original service's file cap); we page
+with ``offset`` until a short page. Files are fetched through presigned S3
+URLs asked for in batches and downloaded concurrently with httpx into a
+cache keyed by artifact, version and path, so a second run on the same data
+downloads nothing.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import os
+import re
+from collections.abc import Callable, Iterable
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlparse
+
+from cellpose_finetuning.data.pairing import safe_relpath, spec_dir
+from cellpose_finetuning.errors import Forbidden, InvalidInput, NotFound
+
+__all__ = ["ArtifactFiles", "parse_artifact_id"]
+
+_ALIAS = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+PAGE = 1000
+URL_BATCH = 500
+
+
+def parse_artifact_id(artifact: str, arg: str = "artifact") -> str:
+    """Normalise ``workspace/alias`` or a full artifact URL to ``workspace/alias``.
+
+    Accepted URLs look like ``http(s)://host/<workspace>/artifacts/<alias>[/...]``.
+
+    Raises
+    ------
+    InvalidInput
+    """
+    if not isinstance(artifact, str) or not artifact.strip():
+        raise InvalidInput(arg, "must be 'workspace/alias' or an artifact URL")
+    artifact = artifact.strip()
+    if artifact.startswith(("http://", "https://")):
+        parts = [p for p in urlparse(artifact).path.split("/") if p]
+        if len(parts) < 3 or parts[1] != "artifacts":
+            raise InvalidInput(
+                arg, f"{artifact!r} is not an artifact URL (…/<ws>/artifacts/<alias>)"
+            )
+        workspace, alias = parts[0], parts[2]
+    else:
+        if artifact.count("/") != 1:
+            raise InvalidInput(arg, f"{artifact!r}: expected 'workspace/alias'")
+        workspace, alias = artifact.split("/")
+    for part in (workspace, alias):
+        if not _ALIAS.match(part):
+            raise InvalidInput(arg, f"{artifact!r}: invalid workspace or alias {part!r}")
+    return f"{workspace}/{alias}"
+
+
+def _map_error(exc: Exception, artifact_id: str) -> Exception:
+    text = str(exc)
+    if "does not exist" in text or "KeyError" in text or "not found" in text.lower():
+        return NotFound("artifact", artifact_id)
+    if "PermissionError" in text or "permission" in text.lower():
+        return Forbidden(f"artifact {artifact_id!r}: permission denied")
+    return exc
+
+
+class ArtifactFiles:
+    """Read files of dataset artifacts through the artifact manager.
+
+    Parameters
+    ----------
+    artifact_manager : Any
+        A hypha-rpc proxy of ``public/artifact-manager``.
+    cache_dir : path-like
+        Where downloaded files are kept.
+    concurrency : int
+        Parallel downloads.
+    """
+
+    def __init__(
+        self, artifact_manager: Any, cache_dir: str | os.PathLike[str], *, concurrency: int = 16
+    ) -> None:
+        self.am = artifact_manager
+        self.cache_dir = Path(cache_dir)
+        self.concurrency = concurrency
+
+    async def read(self, artifact_id: str) -> dict[str, Any]:
+        """The artifact's record (manifest, config, versions...)."""
+        try:
+            info = await self.am.read(artifact_id)
+        except Exception as exc:
+            raise _map_error(exc, artifact_id) from exc
+        return dict(info)
+
+    async def list_dir(
+        self, artifact_id: str, dir_path: str, *, version: str | None = None
+    ) -> list[str]:
+        """Paths of the files directly in ``dir_path`` (all pages).
+
+        Returns
+        -------
+        list of str
+            Paths relative to the artifact root.
+        """
+        dir_path = dir_path.strip("/")
+        names: list[str] = []
+        offset = 0
+        while True:
+            try:
+                page = await self.am.list_files(
+                    artifact_id,
+                    dir_path=dir_path or None,
+                    limit=PAGE,
+                    offset=offset,
+                    version=version,
+                )
+            except Exception as exc:
+                raise _map_error(exc, artifact_id) from exc
+            for item in page:
+                if item.get("type", "file") == "file":
+                    names.append(f"{dir_path}/{item['name']}" if dir_path else item["name"])
+            if len(page) < PAGE:
+                return names
+            offset += PAGE
+
+    async def list_specs(
+        self, artifact_id: str, specs: Iterable[str], *, version: str | None = None
+    ) -> list[str]:
+        """All file names in the folders that the given pairing specs refer to."""
+        names: list[str] = []
+        for folder in dict.fromkeys(spec_dir(s) for s in specs):
+            names += await self.list_dir(artifact_id, folder, version=version)
+        return names
+
+    def cache_path(self, artifact_id: str, version: str | None, path: str) -> Path:
+        """Local path of a cached file (version-keyed so new versions are re-fetched)."""
+        safe = safe_relpath(path, "path")
+        return self.cache_dir / artifact_id.replace("/", "__") / (version or "latest") / safe
+
+    async def download(
+        self,
+        artifact_id: str,
+        paths: list[str],
+        *,
+        version: str | None = None,
+        progress: Callable[[int, int], Any] | None = None,
+    ) -> dict[str, Path]:
+        """Download files (those not cached yet) and return their local paths.
+
+        Parameters
+        ----------
+        artifact_id : str
+            ``workspace/alias``.
+        paths : list of str
+            Paths in the artifact.
+        version : str, optional
+            Artifact version; the cache key includes it.
+        progress : callable, optional
+            Called with (done, total) as files arrive.
+        """
+        import httpx
+
+        local = {p: self.cache_path(artifact_id, version, p) for p in paths}
+        todo = [p for p, dest in local.items() if not dest.is_file()]
+        total, done = len(paths), len(paths) - len(todo)
+        if progress:
+            progress(done, total)
+        if not todo:
+            return local
+        urls: dict[str, str] = {}
+        for i in range(0, len(todo), URL_BATCH):
+            batch = todo[i : i + URL_BATCH]
+            try:
+                got = await self.am.get_file(
+                    artifact_id, file_path=batch, version=version, silent=True
+                )
+            except Exception as exc:
+                raise _map_error(exc, artifact_id) from exc
+            urls.update(got if isinstance(got, dict) else dict(zip(batch, [got], strict=False)))
+        sem = asyncio.Semaphore(self.concurrency)
+        transport = httpx.AsyncHTTPTransport(retries=3)
+        async with httpx.AsyncClient(
+            transport=transport, timeout=120, follow_redirects=True
+        ) as client:
+
+            async def fetch(path: str) -> None:
+                nonlocal done
+                dest = local[path]
+                dest.parent.mkdir(parents=True, exist_ok=True)
+                tmp = dest.with_name(
+                    f".{dest.name}.{hashlib.md5(path.encode()).hexdigest()[:6]}.part"
+                )
+                async with sem, client.stream("GET", urls[path]) as resp:
+                    if resp.status_code != 200:
+                        raise InvalidInput(path, f"download failed with HTTP {resp.status_code}")
+                    with open(tmp, "wb") as fh:
+                        async for chunk in resp.aiter_bytes(1 << 20):
+                            fh.write(chunk)
+                os.replace(tmp, dest)
+                done += 1
+                if progress:
+                    progress(done, total)
+
+            await asyncio.gather(*(fetch(p) for p in todo))
+        return local

@@ -1,0 +1,199 @@
+"""Run the service: on the embedded stack, or registered on an existing Hypha server.
+
+``serve`` starts the stack (unless ``server_url`` is given), connects with the
+service's own identity, registers :class:`CellposeService` as
+``cellpose-finetuning`` (public, ``require_context``), writes
+``connection.json`` and waits for SIGINT/SIGTERM, then shuts everything down.
+
+Credentials: on the embedded stack the service mints its own token from the
+stack's secret (valid for a year, renewed at each start). On an external
+server it uses the token it is given and refuses to start if that token
+expires within a day, rather than failing silently mid-run as the original
+deployment did.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import os
+import signal
+import time
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from cellpose_finetuning.deploy.stack import EmbeddedStack, StackConfig, StackError
+
+__all__ = ["SERVICE_ID", "ServeOptions", "read_connection_file", "serve", "token_expiry"]
+
+log = logging.getLogger(__name__)
+
+SERVICE_ID = "cellpose-finetuning"
+SERVICE_USER = "cellpose-service"
+MIN_TOKEN_LIFETIME_S = 24 * 3600
+
+
+@dataclass
+class ServeOptions:
+    """What ``serve`` needs."""
+
+    data_dir: Path = field(default_factory=lambda: Path.home() / ".cellpose-finetuning")
+    stack: StackConfig | None = None  # None with server_url: use an existing server
+    server_url: str | None = None
+    workspace: str | None = None
+    token: str | None = None
+    user: str = "local-user"
+    service_config: dict[str, Any] = field(default_factory=dict)
+
+
+def token_expiry(token: str) -> float | None:
+    """The ``exp`` claim of a JWT (unverified), or None."""
+    from jose import jwt
+
+    try:
+        exp = jwt.get_unverified_claims(token).get("exp")
+    except Exception:
+        return None
+    return float(exp) if exp else None
+
+
+def read_connection_file(data_dir: str | os.PathLike[str]) -> dict[str, Any]:
+    """Read ``connection.json`` written by a running ``serve``."""
+    path = Path(data_dir).expanduser() / "connection.json"
+    if not path.is_file():
+        raise StackError(f"no {path}; is 'cellpose-finetuning serve' running with this --data-dir?")
+    return json.loads(path.read_text())
+
+
+def _write_private(path: Path, data: dict[str, Any]) -> None:
+    tmp = path.with_suffix(".tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as fh:
+        json.dump(data, fh, indent=1)
+    os.replace(tmp, path)
+
+
+async def start_service(
+    server_url: str, token: str, data_dir: Path, service_config: dict[str, Any]
+) -> tuple[Any, Any, Any]:
+    """Connect, build and register the service. Returns (connection, service, info)."""
+    from hypha_rpc import connect_to_server
+
+    from cellpose_finetuning.service.api import CellposeService, ServiceConfig
+
+    server = await connect_to_server({"server_url": server_url, "token": token})
+    am = await server.get_service("public/artifact-manager")
+    service = CellposeService(
+        ServiceConfig(data_dir=data_dir, **service_config),
+        artifact_manager=am,
+        server_url=server_url,
+    )
+    await service.start()
+    info = await server.register_service(
+        {
+            "id": SERVICE_ID,
+            "name": "Cellpose Fine-Tuning",
+            "description": "Fine-tune Cellpose-SAM, follow training, segment, export.",
+            "config": {"visibility": "public", "require_context": True},
+            **service.service_functions(),
+        }
+    )
+    return server, service, info
+
+
+async def serve(
+    options: ServeOptions, ready: asyncio.Event | None = None, stop: asyncio.Event | None = None
+) -> None:
+    """Run until ``stop`` is set or SIGINT/SIGTERM arrives.
+
+    Parameters
+    ----------
+    options : ServeOptions
+        Where and how to run.
+    ready : asyncio.Event, optional
+        Set once the service is registered and ``connection.json`` written.
+    stop : asyncio.Event, optional
+        Set it to shut down.
+    """
+    data_dir = Path(options.data_dir).expanduser().resolve()
+    data_dir.mkdir(parents=True, exist_ok=True)
+    stop = stop or asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        with contextlib.suppress(NotImplementedError, RuntimeError, ValueError):
+            loop.add_signal_handler(sig, stop.set)
+    stack: EmbeddedStack | None = None
+    server = service = None
+    try:
+        if options.server_url:
+            server_url = options.server_url
+            token = options.token or os.environ.get("HYPHA_TOKEN")
+            if not token:
+                raise StackError("no token: pass --token or set HYPHA_TOKEN")
+            exp = token_expiry(token)
+            if exp is not None and exp - time.time() < MIN_TOKEN_LIFETIME_S:
+                when = datetime.fromtimestamp(exp, UTC).isoformat()
+                raise StackError(
+                    f"the token expires at {when}, in less than a day; get a fresh one"
+                )
+            user_token = None
+        else:
+            cfg = options.stack or StackConfig(data_dir=data_dir)
+            cfg.data_dir = data_dir
+            stack = EmbeddedStack(cfg)
+            await asyncio.to_thread(stack.start)
+            server_url = stack.server_url
+            token = stack.token(SERVICE_USER, expires_in=365 * 24 * 3600, roles=("admin",))
+            user_token = stack.token(options.user)
+        server, service, info = await start_service(
+            server_url, token, data_dir, options.service_config
+        )
+        workspace = server.config.workspace
+        connection = {
+            "server_url": server_url,
+            "workspace": workspace,
+            "service_id": f"{workspace}/{SERVICE_ID}",
+            "full_service_id": info["id"],
+            "user": options.user if user_token else None,
+            "token": user_token,
+            "data_dir": str(data_dir),
+            "pid": os.getpid(),
+            "started_at": datetime.now(UTC).isoformat(),
+        }
+        _write_private(data_dir / "connection.json", connection)
+        print(
+            f"cellpose-finetuning is serving\n"
+            f"  server URL : {server_url}\n"
+            f"  workspace  : {workspace}\n"
+            f"  service id : {workspace}/{SERVICE_ID}\n"
+            + (
+                f"  token      : {user_token}   (user '{options.user}'; more users: "
+                f"cellpose-finetuning token --user NAME)\n"
+                if user_token
+                else ""
+            )
+            + f"  details    : {data_dir / 'connection.json'}\n"
+            f"Press Ctrl-C to stop.",
+            flush=True,
+        )
+        if ready:
+            ready.set()
+        await stop.wait()
+    finally:
+        if service is not None:
+            with contextlib.suppress(Exception):
+                await service.close()
+        if server is not None:
+            with contextlib.suppress(Exception):
+                await server.disconnect()
+        if stack is not None:
+            await asyncio.to_thread(stack.stop)
+        with contextlib.suppress(FileNotFoundError):
+            (data_dir / "connection.json").unlink()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            with contextlib.suppress(Exception):
+                loop.remove_signal_handler(sig)

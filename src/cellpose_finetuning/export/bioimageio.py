@@ -1,0 +1,1203 @@
+"""BioImage.IO export: turn a finished training session into a model package.
+
+A package is a folder (or its zip) that ``bioimageio.spec`` validates and
+``bioimageio.core`` runs::
+
+    rdf.yaml            the model description (format 0.5, current spec version)
+    model.py            architecture: cellpose's Transformer + cellpose's eval
+    model_weights.pth   plain cellpose state dict (no extra entries; strict load)
+    input_sample.npy    one real image of the session, (1, C, H, W) float32
+    output_sample.npy   what model.py makes of it, (1, 1, H, W) int32 labels
+    cover.png           that image beside its segmentation
+    doc.md              base model, data, settings, curves, metrics, usage, license
+    environment.yaml    conda environment for the weights (``dependencies``)
+    training_curves.png the session's loss/metric curves (an attachment)
+
+The model takes raw images and returns instance labels: cellpose's
+normalisation, tiling and flow dynamics run inside ``model.py`` (see
+:mod:`cellpose_finetuning.export.bioimageio_model`), so the description lists
+no pre- or post-processing steps and the spatial axes accept any size.
+
+The original service's export failed validation (extra top-level fields,
+``parent`` as a string, ground truth as the test output, fixed image sizes,
+no batch axis on test tensors). Here every package is validated with the
+spec's own rules before :func:`build_package` returns, and an invalid one is
+refused with the spec's messages. Nothing here touches the network.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import logging
+import os
+import re
+import shutil
+import sys
+import zipfile
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Literal
+
+import numpy as np
+
+from cellpose_finetuning.engine.models import ArchSpec, read_state_dict
+from cellpose_finetuning.engine.schemas import InferenceSettings, TrainingStatus
+from cellpose_finetuning.engine.sessions import Session
+from cellpose_finetuning.errors import CellposeFinetuningError, Conflict, InvalidInput
+
+if TYPE_CHECKING:
+    import torch
+
+__all__ = [
+    "CONTRACT_FILES",
+    "ExportError",
+    "ModelTestReport",
+    "PackageResult",
+    "build_package",
+    "export_command_impl",
+    "test_package",
+    "validate_package",
+    "zip_package",
+]
+
+log = logging.getLogger(__name__)
+
+#: The files every package has, by the names the original service used.
+CONTRACT_FILES = (
+    "rdf.yaml",
+    "model.py",
+    "model_weights.pth",
+    "input_sample.npy",
+    "output_sample.npy",
+    "cover.png",
+    "doc.md",
+)
+ENVIRONMENT_FILE = "environment.yaml"
+CURVES_FILE = "training_curves.png"
+
+#: Session states whose weights may be exported.
+EXPORTABLE_STATES = frozenset({"completed", "stopped"})
+#: The sample image is centre-cropped to at most this many pixels per side.
+SAMPLE_MAX_SIDE = 512
+#: Spatial axes accept any size from this up (cellpose pads and tiles internally).
+MIN_SPATIAL_SIZE = 16
+INPUT_ID = "input"
+OUTPUT_ID = "labels"
+#: Label images may differ in a few boundary pixels on other hardware.
+MISMATCHED_PIXELS_PER_MILLION = 2000
+COVER_MAX_HEIGHT = 400
+_MODEL_TEMPLATE = Path(__file__).with_name("bioimageio_model.py")
+_WRAPPER_CALLABLE = "CellposeSAMSegmenter"
+
+CITATIONS = (
+    {
+        "text": "Stringer, C., Wang, T., Michaelos, M. & Pachitariu, M. Cellpose: a generalist "
+        "algorithm for cellular segmentation. Nature Methods 18, 100-106 (2021).",
+        "doi": "10.1038/s41592-020-01018-x",
+    },
+    {
+        "text": "Pachitariu, M., Rariden, M. & Stringer, C. Cellpose-SAM: superhuman "
+        "generalization for cellular segmentation. bioRxiv (2025).",
+        "doi": "10.1101/2025.04.28.651001",
+    },
+    {
+        "text": "Kirillov, A. et al. Segment Anything. arXiv:2304.02643 (2023).",
+        "doi": "10.48550/arXiv.2304.02643",
+    },
+)
+
+#: Cellpose-SAM as a base model. The weights are MouseLand's, published on
+#: Hugging Face; the model card's metadata says ``license: bsd-3-clause``. The
+#: SAM ViT-L encoder they start from is Meta's, Apache-2.0. No bioimage.io
+#: model id for these weights is known, so ``parent`` stays empty by default.
+CPSAM_BASE = {
+    "name": "Cellpose-SAM (cpsam)",
+    "source": "https://huggingface.co/mouseland/cellpose-sam",
+    "license": "BSD-3-Clause",
+    "bioimageio_id": None,
+    "notes": "Cellpose-SAM weights by MouseLand (HHMI Janelia), distributed on Hugging Face "
+    "under BSD-3-Clause (model card metadata); the SAM ViT-L encoder they were initialised "
+    "from is Meta's, Apache-2.0.",
+}
+#: License for networks not derived from pretrained weights (tiny/small presets).
+DEFAULT_SCRATCH_LICENSE = "MIT"
+DEFAULT_TAGS = (
+    "cellpose",
+    "cellpose-sam",
+    "fine-tuned",
+    "instance-segmentation",
+    "2d",
+    "pytorch",
+)
+
+
+class ExportError(CellposeFinetuningError):
+    """A package could not be built, or the spec found it invalid.
+
+    ``messages`` holds the spec's (or the model test's) own messages.
+    """
+
+    def __init__(self, summary: str, messages: Sequence[str] = ()) -> None:
+        self.messages = list(messages)
+        text = summary
+        if self.messages:
+            text += ":\n" + "\n".join(f"- {m}" for m in self.messages)
+        super().__init__(text)
+
+
+@dataclass(frozen=True)
+class PackageResult:
+    """What :func:`build_package` wrote and decided."""
+
+    path: Path
+    files: dict[str, Path]
+    name: str
+    license: str
+    session_id: str
+    checkpoint: str
+    weights_source: str
+    base_model: dict[str, Any]
+    parent_id: str | None
+    training_dataset_id: str | None
+    warnings: list[str] = field(default_factory=list)
+    zip_path: Path | None = None
+
+    @property
+    def rdf(self) -> Path:
+        """The ``rdf.yaml`` file."""
+        return self.path / "rdf.yaml"
+
+    def to_json(self) -> dict[str, Any]:
+        """Plain-JSON form (paths as strings)."""
+        return {
+            "path": str(self.path),
+            "zip_path": str(self.zip_path) if self.zip_path else None,
+            "files": {k: str(v) for k, v in self.files.items()},
+            "name": self.name,
+            "license": self.license,
+            "session_id": self.session_id,
+            "checkpoint": self.checkpoint,
+            "weights_source": self.weights_source,
+            "base_model": self.base_model,
+            "parent_id": self.parent_id,
+            "training_dataset_id": self.training_dataset_id,
+            "warnings": list(self.warnings),
+        }
+
+
+@dataclass(frozen=True)
+class ModelTestReport:
+    """Outcome of ``bioimageio.core``'s model test."""
+
+    __test__ = False  # not a pytest test class
+
+    passed: bool
+    status: str
+    errors: list[str]
+    warnings: list[str]
+    tests: list[dict[str, Any]]
+
+    def to_json(self) -> dict[str, Any]:
+        """Plain-JSON form."""
+        return {
+            "passed": self.passed,
+            "status": self.status,
+            "errors": list(self.errors),
+            "warnings": list(self.warnings),
+            "tests": list(self.tests),
+        }
+
+
+# --------------------------------------------------------------------------- validation
+def _format_entry(entry: Any) -> str:
+    loc = ".".join(str(part) for part in entry.loc)
+    return f"{loc}: {entry.msg}" if loc else str(entry.msg)
+
+
+def _summary_messages(summary: Any) -> tuple[list[str], list[str]]:
+    errors, warnings = [], []
+    for detail in summary.details:
+        errors.extend(_format_entry(e) for e in detail.errors)
+        warnings.extend(_format_entry(w) for w in detail.warnings)
+    return errors, warnings
+
+
+def _validate(source: str | os.PathLike[str]) -> tuple[list[str], list[str]]:
+    """Load a package with the spec's IO checks; return (errors, warnings)."""
+    from bioimageio.spec import load_description
+
+    path = Path(source)
+    if path.is_dir():
+        path = path / "rdf.yaml"
+    if not path.exists():
+        raise InvalidInput(
+            str(source), "no such package (expected a folder with rdf.yaml or a zip)"
+        )
+    descr = load_description(path, perform_io_checks=True)
+    errors, warnings = _summary_messages(descr.validation_summary)
+    if descr.validation_summary.status == "failed" and not errors:
+        errors = ["validation failed (no message given by bioimageio.spec)"]
+    return errors, warnings
+
+
+def validate_package(source: str | os.PathLike[str]) -> list[str]:
+    """Validate a package folder, ``rdf.yaml`` or zip with ``bioimageio.spec``.
+
+    Files are opened and checked (hashes, test tensors against the axes,
+    documentation), without network access for anything the packages we
+    write refer to.
+
+    Parameters
+    ----------
+    source : path-like
+        Package folder, its ``rdf.yaml``, or a zip.
+
+    Returns
+    -------
+    list of str
+        The spec's error messages, ``"<location>: <message>"``; empty when
+        the package is valid.
+    """
+    return _validate(source)[0]
+
+
+# --------------------------------------------------------------------------- helpers
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _open_session(session: Session | str | os.PathLike[str]) -> Session:
+    if isinstance(session, Session):
+        return session
+    path = Path(session)
+    if not (path / "status.json").is_file():
+        raise InvalidInput(str(path), "not a training session folder (no status.json)")
+    return Session(path)
+
+
+def _exportable_status(session: Session) -> TrainingStatus:
+    status = session.read_status()
+    if status.status_type not in EXPORTABLE_STATES:
+        hint = {
+            "waiting": "it has not started",
+            "preparing": "it is still preparing; wait until it completes or stop it",
+            "running": "it is still training; wait until it completes or stop it",
+            "failed": "it failed; continue the session to finish training first",
+        }.get(status.status_type, "")
+        raise Conflict(
+            f"session {session.id!r} is {status.status_type}: only completed or stopped "
+            f"sessions can be exported ({hint})"
+        )
+    return status
+
+
+def _arch_kwargs(arch: ArchSpec) -> dict[str, Any]:
+    return {
+        "embed_dim": arch.embed_dim,
+        "depth": arch.depth,
+        "num_heads": arch.num_heads,
+        "global_attn_indexes": list(arch.global_attn_indexes),
+        "ps": arch.ps,
+        "bsize": arch.bsize,
+        "nout": arch.nout,
+    }
+
+
+def _inference_kwargs(settings: InferenceSettings) -> dict[str, Any]:
+    if settings.do_3D or settings.stitch_threshold > 0:
+        raise InvalidInput(
+            "inference", "the exported model is 2D: do_3D/stitch_threshold unsupported"
+        )
+    return {
+        "diameter": settings.diameter,
+        "flow_threshold": settings.flow_threshold,
+        "cellprob_threshold": settings.cellprob_threshold,
+        "min_size": settings.min_size,
+        "niter": settings.niter,
+        "tile_overlap": settings.tile_overlap,
+        "batch_size": settings.batch_size,
+    }
+
+
+def _base_model(model: str, arch: ArchSpec) -> dict[str, Any]:
+    """Describe the model training started from, and the license that follows."""
+    if model == "cpsam":
+        return dict(CPSAM_BASE)
+    name = Path(model).name
+    if arch.is_cpsam:
+        # A cpsam-shaped checkpoint (e.g. an earlier fine-tuning run) derives from cpsam.
+        return {
+            **CPSAM_BASE,
+            "name": f"checkpoint {name} (Cellpose-SAM architecture)",
+            "source": name,
+            "notes": "A Cellpose-SAM-shaped checkpoint, assumed derived from the Cellpose-SAM "
+            "weights. " + CPSAM_BASE["notes"],
+        }
+    return {
+        "name": f"checkpoint {name} ({arch.name} architecture)",
+        "source": name,
+        "license": DEFAULT_SCRATCH_LICENSE,
+        "bioimageio_id": None,
+        "notes": f"A {arch.name!r} network of cellpose's Transformer class with a reduced SAM "
+        "encoder, not initialised from pretrained weights.",
+    }
+
+
+def _center_crop(image: np.ndarray, max_side: int) -> np.ndarray:
+    h, w = image.shape[-2:]
+    top, left = max(0, (h - max_side) // 2), max(0, (w - max_side) // 2)
+    return image[..., top : top + min(h, max_side), left : left + min(w, max_side)]
+
+
+def _pick_sample(
+    session: Session, sample_image: str | os.PathLike[str] | np.ndarray | None
+) -> tuple[np.ndarray, str, bool]:
+    """The sample image as (C, H, W) float32 (at most 3 channels), its name, and if cropped."""
+    from cellpose_finetuning.io.images import read_image, to_canonical
+
+    if isinstance(sample_image, np.ndarray):
+        image, name = to_canonical(sample_image, name="sample_image"), "sample_image"
+    elif sample_image is not None:
+        image, name = read_image(sample_image), Path(sample_image).name
+    else:
+        data = session.data
+        pairs = data.test or data.train
+        if not pairs:
+            raise InvalidInput("sample_image", "the session has no images; pass sample_image")
+        source = "test" if data.test else "training"
+        image, name = read_image(pairs[0][0]), f"{Path(pairs[0][0]).name} ({source} set)"
+    if image.ndim != 3:
+        raise InvalidInput("sample_image", f"must be a 2D image, got shape {image.shape}")
+    cropped = max(image.shape[-2:]) > SAMPLE_MAX_SIDE
+    image = _center_crop(image[:3], SAMPLE_MAX_SIDE)
+    return np.ascontiguousarray(image, dtype=np.float32), name, cropped
+
+
+def _load_wrapper_module(model_py: Path) -> Any:
+    """Import the package's own ``model.py`` (not our copy) under a unique name."""
+    name = f"_cpft_export_{_sha256(model_py)[:16]}"
+    if name in sys.modules:
+        return sys.modules[name]
+    spec = importlib.util.spec_from_file_location(name, model_py)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+def run_exported_model(package_dir: str | os.PathLike[str], image: np.ndarray) -> np.ndarray:
+    """Run a package's ``model.py`` + ``model_weights.pth`` on a (B, C, H, W) batch.
+
+    Reads the architecture kwargs from ``rdf.yaml``, loads the weights with
+    strict key checking, as ``bioimageio.core`` does.
+
+    Returns
+    -------
+    numpy.ndarray
+        (B, 1, H, W) int32 labels.
+    """
+    import torch
+    import yaml
+
+    package_dir = Path(package_dir)
+    rdf = yaml.safe_load((package_dir / "rdf.yaml").read_text())
+    arch = rdf["weights"]["pytorch_state_dict"]["architecture"]
+    module = _load_wrapper_module(package_dir / arch["source"])
+    model = getattr(module, arch["callable"])(**arch.get("kwargs", {}))
+    state = torch.load(
+        package_dir / rdf["weights"]["pytorch_state_dict"]["source"],
+        map_location="cpu",
+        weights_only=True,
+    )
+    model.load_state_dict(state, strict=True)
+    model.eval()
+    with torch.no_grad():
+        out = model(torch.from_numpy(np.ascontiguousarray(image, dtype=np.float32)))
+    return out.cpu().numpy()
+
+
+def _write_weights(state: Mapping[str, torch.Tensor], path: Path) -> None:
+    import torch
+
+    torch.save({k: v.detach().to("cpu", torch.float32) for k, v in state.items()}, path)
+
+
+def _write_cover(image: np.ndarray, labels: np.ndarray, path: Path) -> None:
+    """Input beside its segmentation (2:1 for square images), at most 400 px high."""
+    from PIL import Image
+
+    from cellpose_finetuning.engine.plots import normalize_for_display, overlay_masks
+
+    left = (normalize_for_display(image) * 255).round().astype("uint8")
+    right = overlay_masks(image, labels)
+    gap = np.full((left.shape[0], max(2, left.shape[1] // 64), 3), 255, "uint8")
+    picture = Image.fromarray(np.concatenate([left, gap, right], axis=1))
+    if picture.height > COVER_MAX_HEIGHT:
+        scale = COVER_MAX_HEIGHT / picture.height
+        picture = picture.resize(
+            (max(1, round(picture.width * scale)), COVER_MAX_HEIGHT), Image.Resampling.LANCZOS
+        )
+    picture.save(path, optimize=True)
+
+
+def _write_environment(path: Path) -> None:
+    from importlib.metadata import version
+
+    import torch
+
+    torch_version = torch.__version__.split("+")[0]
+    path.write_text(
+        "name: cellpose-finetuned\n"
+        "channels:\n"
+        "  - conda-forge\n"
+        "  - nodefaults\n"
+        "dependencies:\n"
+        "  - python>=3.10\n"
+        "  - pip\n"
+        "  - pip:\n"
+        f"      - cellpose=={version('cellpose')}\n"
+        f"      - torch>={torch_version}\n"
+        # cellpose 4.0.x's eval breaks with numpy 2.4.
+        "      - numpy<2.4\n",
+        encoding="utf-8",
+    )
+
+
+def _safe_name(text: str) -> str:
+    """Keep only the characters the spec allows in a model name."""
+    cleaned = re.sub(r"[^A-Za-z0-9_+\- ()]", "-", text)
+    return re.sub(r"-{2,}", "-", cleaned).strip(" -")[:64]
+
+
+def _authors(authors: Sequence[str | Mapping[str, Any]] | None, owner: str | None) -> list[dict]:
+    if not authors:
+        name = owner if owner and "/" not in owner and "\\" not in owner else None
+        return [{"name": name or "cellpose-finetuning"}]
+    out = []
+    for a in authors:
+        entry = {"name": a} if isinstance(a, str) else dict(a)
+        if not entry.get("name"):
+            raise InvalidInput("authors", f"every author needs a name, got {a!r}")
+        out.append(entry)
+    return out
+
+
+def _valid_dataset_id(dataset_id: str | None) -> bool:
+    if not dataset_id:
+        return False
+    from bioimageio.spec.dataset.v0_3 import DatasetId
+
+    try:
+        DatasetId(dataset_id)
+    except Exception:
+        return False
+    return True
+
+
+def _valid_model_id(model_id: str) -> None:
+    from bioimageio.spec.model.v0_5 import ModelId
+
+    try:
+        ModelId(model_id)
+    except Exception as exc:
+        raise InvalidInput(
+            "parent_id", f"{model_id!r} is not a valid bioimage.io id ({exc})"
+        ) from exc
+
+
+def _metrics(status: TrainingStatus) -> dict[str, Any]:
+    out: dict[str, Any] = {
+        "epochs_run": len(status.train_losses),
+        "final_train_loss": status.train_losses[-1] if status.train_losses else None,
+        "best_epoch": status.best_epoch,
+    }
+    tests = [(i + 1, v) for i, v in enumerate(status.test_losses) if v is not None]
+    if tests:
+        best = min(tests, key=lambda t: t[1])
+        out["best_test_loss"] = best[1]
+        out["best_test_loss_epoch"] = best[0]
+        out["final_test_loss"] = tests[-1][1]
+    pixel = [(i + 1, m) for i, m in enumerate(status.test_metrics) if m is not None]
+    if pixel:
+        epoch, m = pixel[-1]
+        out["pixel_metrics_epoch"] = epoch
+        out["pixel_metrics"] = m.model_dump()
+    if status.instance_metrics is not None:
+        out["instance_metrics"] = status.instance_metrics.model_dump()
+    return out
+
+
+def _fmt(value: Any) -> str:
+    if value is None:
+        return "–"
+    if isinstance(value, float):
+        return f"{value:.4g}"
+    return str(value)
+
+
+def _start_model(session: Session, status: TrainingStatus) -> str:
+    """The ``model`` the session started from: ``cpsam`` or a checkpoint path."""
+    try:
+        return str(session.settings.model)
+    except (OSError, ValueError):
+        return str(status.model)
+
+
+def _settings_for_export(status: TrainingStatus, session: Session) -> dict[str, Any]:
+    try:
+        settings = session.settings.model_dump(mode="json")
+    except (OSError, ValueError):
+        settings = dict(status.settings)
+    settings.pop("device", None)
+    if settings.get("model") and settings["model"] not in ("cpsam",):
+        settings["model"] = Path(str(settings["model"])).name
+    return settings
+
+
+# --------------------------------------------------------------------------- doc.md
+def _doc(ctx: dict[str, Any]) -> str:
+    m = ctx["metrics"]
+    s = ctx["settings"]
+    base = ctx["base"]
+    lines = [
+        f"# {ctx['name']}",
+        "",
+        ctx["description"],
+        "",
+        "## Base model",
+        "",
+        f"- **Started from:** {base['name']} — {base['source']}",
+        f"- **Architecture:** cellpose `Transformer` with a SAM ViT encoder "
+        f"(preset `{ctx['arch'].name}`: embed_dim {ctx['arch'].embed_dim}, depth "
+        f"{ctx['arch'].depth}, heads {ctx['arch'].num_heads}), {ctx['n_params']:,} parameters",
+        f"- **Checkpoint exported:** `{ctx['checkpoint']}` of training session "
+        f"`{ctx['session_id']}`",
+        "",
+        "## Training data",
+        "",
+        f"- **Training images:** {ctx['n_train']}",
+        f"- **Test (validation) images:** {ctx['n_test']}",
+        f"- **Dataset:** {ctx['dataset_id'] or 'local files (no dataset id)'}",
+        f"- **Sample image in this package:** {ctx['sample_name']}"
+        + (f", centre-cropped to {ctx['sample_shape']}" if ctx["cropped"] else ""),
+        "",
+        "## Training",
+        "",
+        "| setting | value |",
+        "|---|---|",
+        *[f"| {k} | {_fmt(v)} |" for k, v in s.items()],
+        f"| epochs run | {_fmt(m.get('epochs_run'))} |",
+        f"| training time (s) | {_fmt(ctx['elapsed'])} |",
+        "",
+        "Training used cellpose 4's own recipe: flows computed from the masks, per-channel "
+        "1–99 percentile normalisation, random rotation/flip/scale augmentation on "
+        f"{ctx['arch'].bsize}×{ctx['arch'].bsize} tiles, cellpose's loss (flow MSE + "
+        "cell-probability BCE) and AdamW.",
+        "",
+    ]
+    if ctx["has_curves"]:
+        lines += ["![Training curves](training_curves.png)", ""]
+    lines += [
+        "## Validation",
+        "",
+        "Metrics recorded during training on the session's test images (pixel metrics: "
+        "predicted foreground = cell probability > 0; AP = TP / (TP + FP + FN) after full "
+        "cellpose inference, at IoU 0.5/0.75/0.9).",
+        "",
+        "| metric | value |",
+        "|---|---|",
+        f"| final train loss | {_fmt(m.get('final_train_loss'))} |",
+        f"| best test loss (epoch) | {_fmt(m.get('best_test_loss'))} "
+        f"({_fmt(m.get('best_test_loss_epoch'))}) |",
+        f"| final test loss | {_fmt(m.get('final_test_loss'))} |",
+    ]
+    px = m.get("pixel_metrics")
+    if px:
+        lines += [
+            f"| pixel F1 / IoU (epoch {m['pixel_metrics_epoch']}) | "
+            f"{_fmt(px['f1'])} / {_fmt(px['iou'])} |",
+        ]
+    im = m.get("instance_metrics")
+    if im:
+        lines += [
+            f"| AP@0.5 / AP@0.75 / AP@0.9 | {_fmt(im['ap_0_5'])} / {_fmt(im['ap_0_75'])} / "
+            f"{_fmt(im['ap_0_9'])} |",
+            f"| objects true / predicted | {im['n_true']} / {im['n_pred']} |",
+        ]
+    if not (px or im or m.get("best_test_loss") is not None):
+        lines += ["| test metrics | none recorded (no test images) |"]
+    kw = ctx["inference"]
+    resize = (
+        f"the image is resized by 30 / {_fmt(kw['diameter'])} (diameter)"
+        if kw["diameter"]
+        else "no resizing (diameter = None)"
+    )
+    lines += [
+        "",
+        "To validate on your own data, segment annotated images that were not used for "
+        "training and compare with `cellpose.metrics.average_precision`.",
+        "",
+        "## Input and output",
+        "",
+        f"- **Input `{INPUT_ID}`:** `(batch, channel, y, x)` float32, **raw** intensities "
+        f"(any range), {ctx['n_channels']} channel(s), any height and width "
+        f"≥ {MIN_SPATIAL_SIZE} px. Do not normalise: the model does it.",
+        f"- **Output `{OUTPUT_ID}`:** `(batch, channel=1, y, x)` int32 instance labels, "
+        "0 = background, same height and width as the input.",
+        "",
+        "## Pre- and post-processing (inside the model)",
+        "",
+        "`model.py` runs cellpose's complete `CellposeModel.eval`, so the rdf lists no "
+        "separate processing steps:",
+        "",
+        "1. each channel is rescaled so that its 1st and 99th percentiles map to 0 and 1 "
+        "(cellpose `normalize99`, per image); fewer than 3 channels are zero-padded, more "
+        "are cut to the first 3;",
+        f"2. {resize};",
+        f"3. the network runs on overlapping {ctx['arch'].bsize}×{ctx['arch'].bsize} tiles "
+        f"(overlap {kw['tile_overlap']}), so images of any size work; run it on whole "
+        "images, not on tiles cut by the caller (labels would not match across tiles);",
+        f"4. cellpose flow dynamics ({kw['niter'] or 200} steps) turn flows and cell "
+        f"probability into masks: cell probability threshold {kw['cellprob_threshold']}, "
+        f"flow error threshold {kw['flow_threshold']}, objects smaller than "
+        f"{kw['min_size']} px removed.",
+        "",
+        "## How to use",
+        "",
+        "With bioimageio.core (the environment in `environment.yaml`):",
+        "",
+        "```python",
+        "import numpy as np",
+        "from bioimageio.core import load_model_description, predict",
+        "",
+        'model = load_model_description("model.zip")',
+        f"image = np.load('input_sample.npy')  # (1, {ctx['n_channels']}, H, W) float32, raw",
+        f'labels = predict(model=model, inputs={{"{INPUT_ID}": image}})'
+        f'.members["{OUTPUT_ID}"].data',
+        "```",
+        "",
+        "Or in plain Python with the files of this package:",
+        "",
+        "```python",
+        "import torch, yaml",
+        "from model import CellposeSAMSegmenter",
+        "",
+        'kwargs = yaml.safe_load(open("rdf.yaml"))["weights"]["pytorch_state_dict"]'
+        '["architecture"]["kwargs"]',
+        "net = CellposeSAMSegmenter(**kwargs)",
+        'net.load_state_dict(torch.load("model_weights.pth", weights_only=True))',
+        "labels = net.eval().segment(image_chw)  # (H, W) int32",
+        "```",
+    ]
+    if ctx["arch"].is_cpsam:
+        lines += [
+            "",
+            "`model_weights.pth` is a plain cellpose state dict, so cellpose itself can use "
+            "it: `cellpose.models.CellposeModel(pretrained_model='model_weights.pth')`.",
+        ]
+    lines += [
+        "",
+        "## Limitations",
+        "",
+        f"- Fine-tuned on {ctx['n_train']} image(s); expect it to work on images like "
+        "those, not in general. Check results by eye before using them.",
+        "- 2D only (run 3D stacks plane by plane).",
+        "- Label numbers are arbitrary; on other hardware a few boundary pixels may differ.",
+        "",
+        "## License",
+        "",
+        f"These weights are released under **{ctx['license']}**. {base['notes']}",
+        "cellpose's code is BSD-3-Clause (HHMI); `model.py` here imports it. Check that "
+        "the license of the training images allows you to share a model trained on them.",
+        "",
+        "## Citation",
+        "",
+        *[f"- {c['text']} doi:{c['doi']}" for c in CITATIONS],
+        "",
+        f"Exported by cellpose-finetuning on {ctx['timestamp']}.",
+        "",
+    ]
+    return "\n".join(lines)
+
+
+# --------------------------------------------------------------------------- build
+def build_package(
+    session: Session | str | os.PathLike[str],
+    out_dir: str | os.PathLike[str],
+    *,
+    checkpoint: Literal["best", "last"] = "best",
+    model_name: str | None = None,
+    description: str | None = None,
+    authors: Sequence[str | Mapping[str, Any]] | None = None,
+    license: str | None = None,
+    sample_image: str | os.PathLike[str] | np.ndarray | None = None,
+    inference: InferenceSettings | None = None,
+    parent_id: str | None = None,
+    tags: Sequence[str] = (),
+    overwrite: bool = False,
+) -> PackageResult:
+    """Write a validated BioImage.IO model package for a finished session.
+
+    Parameters
+    ----------
+    session : Session or path-like
+        A completed or stopped training session (its folder).
+    out_dir : path-like
+        Folder to write the package files into (created; must be empty
+        unless ``overwrite``).
+    checkpoint : {"best", "last"}
+        Which weights: best by test loss (falls back to last) or last.
+    model_name : str, optional
+        Model name (letters, digits, ``_+-()`` and spaces, 5-128 characters).
+    description : str, optional
+        One-paragraph description; generated from the session by default.
+    authors : list of str or dict, optional
+        Names, or dicts with ``name`` and optionally ``affiliation``,
+        ``email``, ``github_user``, ``orcid``. Default: the session's owner,
+        else "cellpose-finetuning".
+    license : str, optional
+        SPDX id. Default: the base model's (BSD-3-Clause for Cellpose-SAM,
+        as on MouseLand's Hugging Face card), MIT for networks trained from
+        scratch (tiny/small presets).
+    sample_image : path-like or numpy.ndarray, optional
+        Image for the test tensors and cover. Default: the first test image,
+        else the first training image. Centre-cropped to 512 px per side.
+    inference : InferenceSettings, optional
+        Thresholds and diameter built into the model (2D settings only).
+    parent_id : str, optional
+        bioimage.io id of the base model, written as ``parent``. None by
+        default: no bioimage.io id of Cellpose-SAM is known; the base model is
+        described in ``config.cellpose_finetuning.base_model`` instead.
+    tags : list of str
+        Extra tags (e.g. modality and content tags).
+    overwrite : bool
+        Replace the contents of a non-empty ``out_dir``.
+
+    Returns
+    -------
+    PackageResult
+        Files written and the lineage (``training_dataset_id`` for the
+        artifact manifest).
+
+    Raises
+    ------
+    Conflict
+        If the session is not completed or stopped.
+    InvalidInput
+        For bad arguments or a session without weights.
+    ExportError
+        If ``bioimageio.spec`` finds the package invalid (its messages).
+    """
+    import torch
+    from bioimageio.spec.model.v0_5 import ModelDescr
+
+    session = _open_session(session)
+    status = _exportable_status(session)
+    if checkpoint not in ("best", "last"):
+        raise InvalidInput("checkpoint", f"must be 'best' or 'last', got {checkpoint!r}")
+    weights_path = session.weights(checkpoint)
+    if not weights_path.is_file():
+        raise InvalidInput("checkpoint", f"session {session.id!r} has no saved weights")
+    inference = inference or InferenceSettings()
+    infer_kwargs = _inference_kwargs(inference)
+    if parent_id is not None:
+        _valid_model_id(parent_id)
+
+    out = Path(out_dir)
+    if out.exists() and any(out.iterdir()):
+        if not overwrite:
+            raise InvalidInput(str(out), "folder is not empty (pass overwrite=True to replace it)")
+        shutil.rmtree(out)
+    out.mkdir(parents=True, exist_ok=True)
+    files = {name: out / name for name in CONTRACT_FILES}
+    files["environment"] = out / ENVIRONMENT_FILE
+
+    # Weights: our checkpoint minus the architecture entry, so loading is strict.
+    state, arch = read_state_dict(weights_path)
+    _write_weights(state, files["model_weights.pth"])
+    n_params = int(sum(v.numel() for k, v in state.items() if k != "W2"))
+    del state
+    shutil.copyfile(_MODEL_TEMPLATE, files["model.py"])
+    _write_environment(files["environment"])
+
+    settings = _settings_for_export(status, session)
+    base = _base_model(_start_model(session, status), arch)
+    license_id = license or base["license"]
+    data = session.data
+    dataset_id = data.dataset_artifact_id
+    owner = session.owner
+
+    image, sample_name, cropped = _pick_sample(session, sample_image)
+    np.save(files["input_sample.npy"], image[None])
+    n_channels = image.shape[0]
+
+    name = model_name or _safe_name(f"Cellpose-SAM fine-tuned {session.id}")
+    if description is None:
+        description = (
+            f"Cellpose-SAM ({arch.name} network) fine-tuned on {len(data.train)} training "
+            f"image(s)" + (f" of dataset {dataset_id}" if dataset_id else "") + f" for "
+            f"{len(status.train_losses)} epoch(s). Input: raw 2D image(s), {n_channels} "
+            "channel(s), any size; output: instance labels. Normalisation, tiling and flow "
+            "dynamics run inside the model (cellpose 4 eval)."
+        )
+
+    kwargs = {**_arch_kwargs(arch), **infer_kwargs}
+    metrics = _metrics(status)
+    has_curves = bool(status.train_losses)
+    if session.curves_file.is_file():
+        shutil.copyfile(session.curves_file, out / CURVES_FILE)
+        has_curves = True
+    elif has_curves:
+        from cellpose_finetuning.engine.plots import plot_training_curves
+
+        plot_training_curves(status, out / CURVES_FILE)
+    if has_curves:
+        files["training_curves"] = out / CURVES_FILE
+
+    timestamp = datetime.now(UTC).replace(microsecond=0)
+    config_cpft = {
+        "exporter": f"cellpose-finetuning {_package_version()}",
+        "session_id": session.id,
+        "checkpoint": checkpoint,
+        "weights_file": weights_path.name,
+        "base_model": base,
+        "architecture": arch.model_dump(mode="json"),
+        "training_dataset_id": dataset_id,
+        "data": {"n_train": len(data.train), "n_test": len(data.test), "sample": sample_name},
+        "settings": settings,
+        "metrics": metrics,
+        "inference": infer_kwargs,
+    }
+    rdf: dict[str, Any] = {
+        "type": "model",
+        "format_version": ModelDescr.implemented_format_version,
+        "name": name,
+        "description": description,
+        "authors": _authors(authors, owner),
+        "cite": [dict(c) for c in CITATIONS],
+        "license": license_id,
+        "tags": list(dict.fromkeys([*DEFAULT_TAGS, *tags])),
+        "documentation": {"source": "doc.md", "sha256": None},
+        "covers": [{"source": "cover.png", "sha256": None}],
+        "attachments": [{"source": CURVES_FILE, "sha256": None}] if has_curves else [],
+        "timestamp": timestamp.isoformat(),
+        "inputs": [
+            {
+                "id": INPUT_ID,
+                "description": "Raw 2D image(s), any intensity range: do not normalise, the "
+                "model rescales each channel to its 1-99 percentiles itself.",
+                "axes": [
+                    {"type": "batch"},
+                    {
+                        "type": "channel",
+                        "channel_names": [f"channel{i}" for i in range(n_channels)],
+                    },
+                    *[
+                        {
+                            "type": "space",
+                            "id": ax,
+                            "size": {"min": MIN_SPATIAL_SIZE, "step": 1},
+                        }
+                        for ax in ("y", "x")
+                    ],
+                ],
+                "data": {"type": "float32"},
+                "test_tensor": {"source": "input_sample.npy", "sha256": None},
+            }
+        ],
+        "outputs": [
+            {
+                "id": OUTPUT_ID,
+                "description": "Instance labels, 0 = background (cellpose masks).",
+                "axes": [
+                    {"type": "batch"},
+                    {"type": "channel", "channel_names": ["labels"]},
+                    *[
+                        {"type": "space", "id": ax, "size": {"tensor_id": INPUT_ID, "axis_id": ax}}
+                        for ax in ("y", "x")
+                    ],
+                ],
+                "data": {"type": "int32"},
+                "test_tensor": {"source": "output_sample.npy", "sha256": None},
+            }
+        ],
+        "weights": {
+            "pytorch_state_dict": {
+                "source": "model_weights.pth",
+                "sha256": _sha256(files["model_weights.pth"]),
+                "architecture": {
+                    "source": "model.py",
+                    "sha256": _sha256(files["model.py"]),
+                    "callable": _WRAPPER_CALLABLE,
+                    "kwargs": kwargs,
+                },
+                "pytorch_version": torch.__version__.split("+")[0],
+                "dependencies": {
+                    "source": ENVIRONMENT_FILE,
+                    "sha256": _sha256(files["environment"]),
+                },
+                "strict": True,
+            }
+        },
+        "config": {
+            "bioimageio": {
+                "reproducibility_tolerance": [
+                    {
+                        "relative_tolerance": 0.0,
+                        "absolute_tolerance": 0.0,
+                        "mismatched_elements_per_million": MISMATCHED_PIXELS_PER_MILLION,
+                        "output_ids": [OUTPUT_ID],
+                    }
+                ],
+                "architecture_type": "ViT (SAM) + cellpose flows",
+                "architecture_description": "Cellpose-SAM: SAM ViT image encoder with 8 px "
+                "tokens and a linear readout of XY flows and cell probability, followed by "
+                "cellpose flow dynamics (run inside model.py).",
+                "task": "instance segmentation",
+                "model_parameter_count": n_params,
+                "training": _training_details(settings, status),
+            },
+            "cellpose_finetuning": config_cpft,
+        },
+    }
+    if parent_id:
+        rdf["parent"] = {"id": parent_id}
+    if _valid_dataset_id(dataset_id):
+        rdf["training_data"] = {"id": dataset_id}
+    elif dataset_id:
+        log.warning("dataset id %r is not a valid bioimage.io id; kept in config only", dataset_id)
+    for entry in [rdf["inputs"][0]["test_tensor"], rdf["outputs"][0]["test_tensor"]]:
+        entry.pop("sha256")
+    for att in rdf["attachments"]:
+        att["sha256"] = _sha256(out / att["source"])
+
+    # The test output is what the exported code makes of the test input.
+    _write_yaml(rdf, files["rdf.yaml"])
+    labels = run_exported_model(out, image[None])
+    np.save(files["output_sample.npy"], labels.astype(np.int32))
+    _write_cover(image, labels[0, 0], files["cover.png"])
+
+    files["doc.md"].write_text(
+        _doc(
+            {
+                "name": name,
+                "description": description,
+                "base": base,
+                "arch": arch,
+                "n_params": n_params,
+                "checkpoint": f"{checkpoint} ({weights_path.name})",
+                "session_id": session.id,
+                "n_train": len(data.train),
+                "n_test": len(data.test),
+                "dataset_id": dataset_id,
+                "sample_name": sample_name,
+                "sample_shape": tuple(image.shape),
+                "cropped": cropped,
+                "settings": settings,
+                "elapsed": status.elapsed_seconds,
+                "has_curves": has_curves,
+                "metrics": metrics,
+                "inference": infer_kwargs,
+                "n_channels": n_channels,
+                "license": license_id,
+                "timestamp": timestamp.isoformat(),
+            }
+        ),
+        encoding="utf-8",
+    )
+    # Hashes of the test tensors, now that they exist.
+    rdf["inputs"][0]["test_tensor"]["sha256"] = _sha256(files["input_sample.npy"])
+    rdf["outputs"][0]["test_tensor"]["sha256"] = _sha256(files["output_sample.npy"])
+    _write_yaml(rdf, files["rdf.yaml"])
+
+    errors, warnings = _validate(out)
+    if errors:
+        raise ExportError(f"bioimageio.spec rejected the package in {out}", errors)
+    return PackageResult(
+        path=out,
+        files=files,
+        name=name,
+        license=license_id,
+        session_id=session.id,
+        checkpoint=checkpoint,
+        weights_source=weights_path.name,
+        base_model=base,
+        parent_id=parent_id,
+        training_dataset_id=dataset_id,
+        warnings=warnings,
+    )
+
+
+def _training_details(settings: Mapping[str, Any], status: TrainingStatus) -> dict[str, Any]:
+    lr = settings.get("learning_rate")
+    wd = settings.get("weight_decay")
+    return {
+        "training_preprocessing": "cellpose: flows from masks; per-channel 1-99 percentile "
+        "normalisation; random rotation, flip and scale (0.75-1.25) on 256 px tiles",
+        "training_epochs": float(len(status.train_losses)),
+        "training_batch_size": float(settings.get("batch_size") or 1),
+        "initial_learning_rate": float(lr) if lr is not None else None,
+        "learning_rate_schedule": f"{settings.get('lr_schedule', 'proportional')}: linear "
+        "warm-up, then constant (halved at the end of runs over 99 epochs)",
+        "loss_function": "cellpose.train._loss_fn_seg",
+        "optimizer": "torch.optim.AdamW",
+        "optimizer_kwargs": {"lr": lr, "weight_decay": wd},
+        "regularization": f"weight decay {wd}",
+        "training_duration": (status.elapsed_seconds or 0.0) / 3600.0,
+    }
+
+
+def _write_yaml(data: Mapping[str, Any], path: Path) -> None:
+    import yaml
+
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(
+        yaml.safe_dump(dict(data), sort_keys=False, allow_unicode=True, width=100),
+        encoding="utf-8",
+    )
+    os.replace(tmp, path)
+
+
+def _package_version() -> str:
+    from cellpose_finetuning import __version__
+
+    return __version__
+
+
+# --------------------------------------------------------------------------- zip / test
+def zip_package(package_dir: str | os.PathLike[str], zip_path: str | os.PathLike[str]) -> Path:
+    """Zip a package folder (files at the zip's root) and validate the zip.
+
+    Weights and arrays are stored, text is deflated. The zip is written under
+    a temporary name and renamed, so a reader never sees half of it.
+
+    Raises
+    ------
+    ExportError
+        If the zipped package does not validate.
+    """
+    package_dir, zip_path = Path(package_dir), Path(zip_path)
+    if not (package_dir / "rdf.yaml").is_file():
+        raise InvalidInput(str(package_dir), "not a package folder (no rdf.yaml)")
+    zip_path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = zip_path.with_name(f".{zip_path.name}.tmp")
+    try:
+        with zipfile.ZipFile(tmp, "w") as zf:
+            for path in sorted(p for p in package_dir.iterdir() if p.is_file()):
+                if path.name.startswith("."):
+                    continue
+                stored = path.suffix in (".pth", ".npy", ".png")
+                zf.write(
+                    path,
+                    arcname=path.name,
+                    compress_type=zipfile.ZIP_STORED if stored else zipfile.ZIP_DEFLATED,
+                )
+        os.replace(tmp, zip_path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    errors = validate_package(zip_path)
+    if errors:
+        raise ExportError(f"bioimageio.spec rejected {zip_path}", errors)
+    return zip_path
+
+
+def test_package(
+    source: str | os.PathLike[str], *, devices: Sequence[str] | None = None
+) -> ModelTestReport:
+    """Run ``bioimageio.core``'s model test on a package folder or zip.
+
+    The test loads the weights into ``model.py`` (strict), reproduces
+    ``output_sample.npy`` from ``input_sample.npy`` within the tolerance in
+    ``config.bioimageio.reproducibility_tolerance``, and runs the model on
+    inputs of other sizes and batch sizes.
+
+    Returns
+    -------
+    ModelTestReport
+        ``passed`` and the messages of every sub-test.
+    """
+    from bioimageio.core import test_model
+
+    path = Path(source)
+    if path.is_dir():
+        path = path / "rdf.yaml"
+    if not path.exists():
+        raise InvalidInput(str(source), "no such package")
+    summary = test_model(path, devices=list(devices) if devices else None)
+    errors, warnings = _summary_messages(summary)
+    tests = [
+        {
+            "name": d.name,
+            "status": d.status,
+            "errors": [_format_entry(e) for e in d.errors],
+        }
+        for d in summary.details
+    ]
+    return ModelTestReport(
+        passed=summary.status == "passed",
+        status=str(summary.status),
+        errors=errors,
+        warnings=warnings,
+        tests=tests,
+    )
+
+
+test_package.__test__ = False  # type: ignore[attr-defined]  # not a pytest test
+
+
+# --------------------------------------------------------------------------- CLI
+def export_command_impl(
+    session_dir: str | os.PathLike[str],
+    out: str | os.PathLike[str],
+    checkpoint: Literal["best", "last"] = "best",
+    name: str | None = None,
+    license: str | None = None,
+    *,
+    run_test: bool = False,
+    overwrite: bool = False,
+) -> dict[str, Any]:
+    """``cellpose-finetuning export SESSION_DIR --out model.zip``.
+
+    ``out`` ending in ``.zip`` writes the package folder next to it
+    (``<stem>/``) and the zip; anything else is the package folder.
+
+    Returns
+    -------
+    dict
+        :meth:`PackageResult.to_json`, plus ``test`` (the model test report)
+        when ``run_test``.
+    """
+    out = Path(out)
+    if out.suffix.lower() == ".zip":
+        folder = out.with_suffix("")
+        zip_path: Path | None = out
+        if zip_path.exists() and not overwrite:
+            raise InvalidInput(str(out), "file exists (use --overwrite to replace it)")
+    else:
+        folder, zip_path = out, None
+    result = build_package(
+        session_dir,
+        folder,
+        checkpoint=checkpoint,
+        model_name=name,
+        license=license,
+        overwrite=overwrite,
+    )
+    if zip_path is not None:
+        zip_package(folder, zip_path)
+    report = result.to_json()
+    report["zip_path"] = str(zip_path) if zip_path else None
+    if run_test:
+        test = test_package(zip_path or folder)
+        report["test"] = test.to_json()
+        if not test.passed:
+            raise ExportError("bioimageio.core's model test failed", test.errors)
+    return report

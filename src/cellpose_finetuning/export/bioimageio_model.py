@@ -1,0 +1,190 @@
+"""Cellpose-SAM instance segmentation as one torch module (the ``model.py`` of an export).
+
+This file is copied unchanged into every BioImage.IO package we export, as
+``model.py``, and named there as the architecture of the ``pytorch_state_dict``
+weights. It needs only ``cellpose`` (which brings ``torch`` and
+``segment_anything``), not ``cellpose_finetuning``.
+
+:class:`CellposeSAMSegmenter` *is* cellpose's ``Transformer`` (the network of
+Cellpose-SAM), built with the encoder size given as keyword arguments, so the
+package's weights file is a plain cellpose state dict: it loads here with
+``strict=True`` and into cellpose itself.
+
+Its ``forward`` runs cellpose's complete ``CellposeModel.eval`` on each image
+of the batch, so the output is a label image, not the network's raw flows:
+
+- pre-processing (inside): each channel is scaled so its 1st/99th percentiles
+  become 0/1 (cellpose's ``normalize99``); images with fewer than three
+  channels are zero-padded to three and extra channels dropped; with
+  ``diameter`` set the image is resized by ``30 / diameter``;
+- the network runs on overlapping ``bsize`` x ``bsize`` tiles, so any image
+  size is accepted;
+- post-processing (inside): cellpose's flow dynamics (``niter`` steps) turn
+  flows and cell probability into masks; masks whose flow error exceeds
+  ``flow_threshold``, pixels with cell probability below
+  ``cellprob_threshold`` and objects smaller than ``min_size`` pixels are
+  dropped.
+
+Input ``(B, C, H, W)`` raw intensities (any range, float32); output
+``(B, 1, H, W)`` int32 labels, 0 = background.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from functools import partial
+from types import SimpleNamespace
+from typing import Any
+
+import numpy as np
+import torch
+from cellpose.vit_sam import Transformer
+from segment_anything.build_sam import sam_model_registry
+
+__all__ = ["CellposeSAMSegmenter"]
+
+
+def _encoder_builder(
+    embed_dim: int, depth: int, num_heads: int, global_attn_indexes: Sequence[int]
+) -> Any:
+    """A ``sam_model_registry``-style builder of SAM's ViT image encoder.
+
+    ``Transformer`` reads only ``.image_encoder``; SAM's prompt encoder and
+    mask decoder are not built. The fixed values are SAM's own (and the ones
+    ``Transformer`` relies on: 1024 px, 16 px patches, 256 output channels).
+    """
+    from segment_anything.modeling import ImageEncoderViT
+
+    def build(checkpoint: Any = None) -> SimpleNamespace:
+        encoder = ImageEncoderViT(
+            depth=depth,
+            embed_dim=embed_dim,
+            img_size=1024,
+            mlp_ratio=4,
+            norm_layer=partial(torch.nn.LayerNorm, eps=1e-6),
+            num_heads=num_heads,
+            patch_size=16,
+            qkv_bias=True,
+            use_rel_pos=True,
+            global_attn_indexes=list(global_attn_indexes),
+            window_size=14,
+            out_chans=256,
+        )
+        return SimpleNamespace(image_encoder=encoder)
+
+    return build
+
+
+class _FlowNetwork:
+    """What cellpose's tiling code calls: the plain network pass of the segmenter.
+
+    ``CellposeSAMSegmenter.forward`` is the whole segmentation, so cellpose
+    must not call it per tile; this view calls ``Transformer.forward``.
+    """
+
+    def __init__(self, owner: CellposeSAMSegmenter) -> None:
+        self._owner = owner
+
+    @property
+    def device(self) -> torch.device:
+        return self._owner.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self._owner.dtype
+
+    def eval(self) -> _FlowNetwork:
+        self._owner.eval()
+        return self
+
+    def __call__(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return Transformer.forward(self._owner, x)
+
+
+class CellposeSAMSegmenter(Transformer):
+    """Cellpose-SAM network plus cellpose's pre- and post-processing.
+
+    Parameters
+    ----------
+    embed_dim, depth, num_heads, global_attn_indexes
+        Shape of the SAM ViT encoder (ViT-L for Cellpose-SAM: 1024, 24, 16,
+        (5, 11, 17, 23)).
+    ps, bsize, nout
+        Token size, tile size and number of network outputs (8, 256, 3).
+    diameter : float, optional
+        Typical object diameter in pixels; the image is resized by
+        ``30 / diameter``. None: no resizing.
+    flow_threshold, cellprob_threshold, min_size, niter
+        Cellpose mask-creation parameters (0.4, 0.0, 15, None = 200).
+    tile_overlap, batch_size
+        Tiling of the network pass (0.1, 8 tiles per pass).
+    """
+
+    def __init__(
+        self,
+        embed_dim: int = 1024,
+        depth: int = 24,
+        num_heads: int = 16,
+        global_attn_indexes: Sequence[int] = (5, 11, 17, 23),
+        ps: int = 8,
+        bsize: int = 256,
+        nout: int = 3,
+        diameter: float | None = None,
+        flow_threshold: float = 0.4,
+        cellprob_threshold: float = 0.0,
+        min_size: int = 15,
+        niter: int | None = None,
+        tile_overlap: float = 0.1,
+        batch_size: int = 8,
+    ) -> None:
+        key = f"cellpose_sam_segmenter:{embed_dim}:{depth}:{num_heads}:{tuple(global_attn_indexes)}"
+        # Transformer looks its encoder up in SAM's registry by name.
+        sam_model_registry.setdefault(
+            key, _encoder_builder(embed_dim, depth, num_heads, global_attn_indexes)
+        )
+        super().__init__(backbone=key, ps=ps, nout=nout, bsize=bsize, dtype=torch.float32)
+        self.bsize = bsize
+        self.eval_kwargs: dict[str, Any] = {
+            "diameter": diameter,
+            "flow_threshold": flow_threshold,
+            "cellprob_threshold": cellprob_threshold,
+            "min_size": min_size,
+            "niter": niter,
+            "tile_overlap": tile_overlap,
+            "batch_size": batch_size,
+        }
+
+    def _cellpose_model(self) -> Any:
+        """A ``CellposeModel`` around this network (its ``__init__`` always builds ViT-L)."""
+        from cellpose.models import CellposeModel
+
+        model = CellposeModel.__new__(CellposeModel)
+        model.device = self.device
+        model.gpu = self.device.type in ("cuda", "mps")
+        model.net = _FlowNetwork(self)
+        model.pretrained_model = "cellpose_sam_segmenter"
+        return model
+
+    def segment(self, image: np.ndarray) -> np.ndarray:
+        """Segment one ``(C, H, W)`` image; returns ``(H, W)`` int32 labels."""
+        image = np.asarray(image, dtype=np.float32)
+        if image.ndim != 3:
+            raise ValueError(f"expected one (C, H, W) image, got shape {image.shape}")
+        height, width = image.shape[-2:]
+        if not np.isfinite(image).all() or np.ptp(image) == 0:
+            # Nothing to normalise: cellpose would divide by zero.
+            return np.zeros((height, width), np.int32)
+        masks, _flows, _styles = self._cellpose_model().eval(
+            image, channel_axis=0, bsize=self.bsize, normalize=True, **self.eval_kwargs
+        )
+        masks = np.asarray(masks).reshape(height, width)
+        return masks.astype(np.int32)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+        """Segment a batch: ``(B, C, H, W)`` raw images -> ``(B, 1, H, W)`` int32 labels."""
+        if x.ndim != 4:
+            raise ValueError(f"expected a (B, C, H, W) batch, got shape {tuple(x.shape)}")
+        images = x.detach().to("cpu", torch.float32).numpy()
+        with torch.no_grad():
+            labels = np.stack([self.segment(img)[None] for img in images])
+        return torch.from_numpy(labels).to(x.device)

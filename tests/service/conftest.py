@@ -1,0 +1,82 @@
+"""The real embedded stack (SeaweedFS + Hypha + our service), once per test session."""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from cellpose_finetuning.deploy.stack import EmbeddedStack, StackConfig, port_is_free
+
+
+def free_ports(n: int) -> list[int]:
+    """``n`` ports that are free, each with port + 10000 free too (SeaweedFS gRPC)."""
+    ports: list[int] = []
+    while len(ports) < n:
+        p = random.randint(20000, 40000)
+        if p not in ports and port_is_free(p) and port_is_free(p + 10000):
+            ports.append(p)
+    return ports
+
+
+@dataclass
+class RunningStack:
+    server_url: str
+    service_id: str
+    data_dir: Path
+    stack: EmbeddedStack
+
+    def token(self, user: str) -> str:
+        return self.stack.token(user)
+
+    async def connect(self, user: str | None):
+        from hypha_rpc import connect_to_server
+
+        config = {"server_url": self.server_url}
+        if user:
+            config["token"] = self.token(user)
+        return await connect_to_server(config)
+
+
+@pytest.fixture(scope="session")
+def stack_config(tmp_path_factory) -> StackConfig:
+    ports = free_ports(5)
+    return StackConfig(
+        data_dir=tmp_path_factory.mktemp("stack"),
+        hypha_port=ports[0],
+        s3_port=ports[1],
+        weed_master_port=ports[2],
+        weed_volume_port=ports[3],
+        weed_filer_port=ports[4],
+    )
+
+
+@pytest.fixture(scope="session")
+async def running_stack(stack_config, tiny_model):
+    from cellpose_finetuning.deploy.serve import ServeOptions, read_connection_file, serve
+
+    (stack_config.data_dir / "models").mkdir(parents=True)
+    shutil.copy(tiny_model, stack_config.data_dir / "models" / "tiny.pth")
+    ready, stop = asyncio.Event(), asyncio.Event()
+    options = ServeOptions(
+        data_dir=stack_config.data_dir,
+        stack=stack_config,
+        user="alice",
+        service_config={"worker_threads": 1, "max_active_sessions_per_user": 3},
+    )
+    task = asyncio.create_task(serve(options, ready, stop))
+    waiter = asyncio.create_task(ready.wait())
+    done, _ = await asyncio.wait({task, waiter}, timeout=180, return_when=asyncio.FIRST_COMPLETED)
+    if task in done:
+        task.result()  # raises the startup error
+    assert waiter in done, "the stack did not come up in 180 s"
+    conn = read_connection_file(stack_config.data_dir)
+    yield RunningStack(
+        conn["server_url"], conn["service_id"], stack_config.data_dir, EmbeddedStack(stack_config)
+    )
+    stop.set()
+    await asyncio.wait_for(task, 120)

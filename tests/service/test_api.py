@@ -1,0 +1,262 @@
+"""The service on the real embedded stack: the contract's Quick Start, datasets, isolation."""
+
+from __future__ import annotations
+
+import asyncio
+
+import numpy as np
+import pytest
+import tifffile
+
+from cellpose_finetuning.client import follow, upload_folder
+
+pytestmark = pytest.mark.stack
+
+CONTRACT_STATUS_KEYS = {
+    "status_type",
+    "message",
+    "dataset_artifact_id",
+    "train_losses",
+    "test_losses",
+    "test_metrics",
+    "instance_metrics",
+    "n_train",
+    "n_test",
+    "start_time",
+    "current_epoch",
+    "total_epochs",
+    "elapsed_seconds",
+}
+
+
+@pytest.fixture(scope="module")
+async def alice(running_stack):
+    server = await running_stack.connect("alice")
+    yield server, await server.get_service(running_stack.service_id)
+    await server.disconnect()
+
+
+@pytest.fixture(scope="module")
+async def bob(running_stack):
+    server = await running_stack.connect("bob")
+    yield server, await server.get_service(running_stack.service_id)
+    await server.disconnect()
+
+
+@pytest.fixture(scope="module")
+async def dataset(alice, dev_data):
+    server, _ = alice
+    return await upload_folder(server, dev_data, alias="dev-data")
+
+
+@pytest.fixture(scope="module")
+async def trained(alice, dataset):
+    """The contract's training call (folder form with a test set) and its polling loop."""
+    _, cellpose_service = alice
+    session_status = await cellpose_service.start_training(
+        artifact=dataset,
+        train_images="images/train/",
+        train_annotations="annotations/train/",
+        test_images="images/test/",
+        test_annotations="annotations/test/",
+        model="tiny",
+        n_epochs=2,
+        validation_interval=1,
+        learning_rate=1e-3,
+    )
+    session_id = session_status["session_id"]
+    seen = set()
+    while True:
+        status = await cellpose_service.get_training_status(session_id)
+        seen.add(status["status_type"])
+        if status["status_type"] in ("completed", "failed"):
+            break
+        await asyncio.sleep(0.5)
+    return session_id, status, seen
+
+
+async def test_quick_start_infer_on_arrays(alice):
+    _, cellpose_service = alice
+    img_array = np.random.default_rng(0).integers(0, 255, (3, 96, 128), dtype="uint8")
+    result = await cellpose_service.infer(
+        model="tiny",
+        input_arrays=[img_array],
+        diameter=None,
+        flow_threshold=0.4,
+        cellprob_threshold=0,
+        niter=250,
+    )
+    mask = result[0]["output"]
+    assert mask.shape == (96, 128) and mask.dtype in (np.uint16, np.uint32)
+
+
+async def test_list_pretrained_models_offers_cpsam_and_checkpoints(alice):
+    _, svc = alice
+    assert await svc.list_pretrained_models() == ["cpsam", "tiny"]
+
+
+async def test_training_completes_with_every_documented_status_key(trained):
+    session_id, status, seen = trained
+    assert status["status_type"] == "completed", status["message"]
+    assert set(status) >= CONTRACT_STATUS_KEYS
+    assert status["session_id"] == session_id
+    assert status["dataset_artifact_id"] == "ws-user-alice/dev-data"
+    assert len(status["train_losses"]) == 2 and len(status["test_metrics"]) == 2
+    assert all(m and 0 <= m["f1"] <= 1 for m in status["test_metrics"])
+    assert set(status["instance_metrics"]) == {"ap_0_5", "ap_0_75", "ap_0_9", "n_true", "n_pred"}
+    assert status["n_train"] == 5 and status["n_test"] == 2
+    assert "running" in seen or "preparing" in seen
+
+
+async def test_pattern_form_training(alice, dataset):
+    _, svc = alice
+    started = await svc.start_training(
+        artifact=dataset,
+        train_images="images/pattern/*.ome.tif",
+        train_annotations="annotations/pattern/*_mask.ome.tif",
+        model="tiny",
+        n_epochs=1,
+    )
+    status = await follow(svc, started["session_id"], interval=0.5, show_progress=False)
+    assert status["status_type"] == "completed" and status["n_train"] == 5
+
+
+async def test_infer_with_the_session_from_arrays_and_from_artifact_paths(
+    alice, trained, dataset, dev_data
+):
+    _, svc = alice
+    session_id = trained[0]
+    image = tifffile.imread(dev_data / "images/test/nuclei_03.tif")
+    from_array = await svc.infer(model=session_id, input_arrays=[image])
+    from_artifact = await svc.infer(
+        model=session_id, artifact=dataset, image_paths=["images/test/nuclei_03.tif"], diameter=40
+    )
+    assert from_array[0]["output"].shape == image.shape
+    assert from_artifact[0]["output"].shape == image.shape
+
+
+async def test_artifact_url_form_is_accepted(alice, running_stack, dev_data):
+    _, svc = alice
+    url = f"{running_stack.server_url}/ws-user-alice/artifacts/dev-data"
+    result = await svc.infer(model="tiny", artifact=url, image_paths=["images/test/nuclei_03.tif"])
+    assert result[0]["output"].shape == (256, 256)
+
+
+async def test_unmatched_pairs_fail_the_session_naming_the_files(alice, dataset):
+    _, svc = alice
+    started = await svc.start_training(
+        artifact=dataset,
+        train_images="images/train/",
+        train_annotations="annotations/test/",
+        model="tiny",
+        n_epochs=1,
+    )
+    status = await follow(svc, started["session_id"], interval=0.3, show_progress=False)
+    assert status["status_type"] == "failed"
+    assert "nuclei_00.tif" in status["message"]
+
+
+async def test_bob_sees_nothing_of_alices(alice, bob, trained, dataset):
+    _, bob_svc = bob
+    session_id = trained[0]
+    with pytest.raises(Exception, match="not found"):
+        await bob_svc.get_training_status(session_id)
+    with pytest.raises(Exception, match="not found"):
+        await bob_svc.infer(model=session_id, input_arrays=[np.zeros((32, 32), "uint8")])
+    with pytest.raises(Exception, match="not found"):
+        await bob_svc.stop_training(session_id)
+    with pytest.raises(Exception, match="not found"):
+        await bob_svc.restart_training(session_id)
+    with pytest.raises(Exception, match="not found"):
+        await bob_svc.start_training(
+            artifact=dataset, train_images="images/train/", train_annotations="annotations/train/"
+        )
+    assert await bob_svc.list_training_sessions() == []
+    alice_sessions = await alice[1].list_training_sessions()
+    assert session_id in {s["session_id"] for s in alice_sessions}
+
+
+async def test_anonymous_callers_may_only_infer_cpsam_on_arrays(running_stack, dataset):
+    server = await running_stack.connect(None)
+    try:
+        svc = await server.get_service(running_stack.service_id)
+        with pytest.raises(Exception, match="logged-in"):
+            await svc.start_training(
+                artifact=dataset,
+                train_images="images/train/",
+                train_annotations="annotations/train/",
+            )
+        with pytest.raises(Exception, match="anonymous"):
+            await svc.infer(model="tiny", input_arrays=[np.zeros((32, 32), "uint8")])
+        with pytest.raises(Exception, match="logged-in"):
+            await svc.list_training_sessions()
+    finally:
+        await server.disconnect()
+
+
+async def test_stop_and_continue(alice, dataset):
+    _, svc = alice
+    started = await svc.start_training(
+        artifact=dataset,
+        train_images="images/train/",
+        train_annotations="annotations/train/",
+        model="tiny",
+        n_epochs=400,
+    )
+    sid = started["session_id"]
+    while (await svc.get_training_status(sid)).get("current_epoch", 0) < 1:
+        await asyncio.sleep(0.3)
+    await svc.stop_training(sid)
+    stopped = await follow(svc, sid, interval=0.3, show_progress=False)
+    assert stopped["status_type"] == "stopped"
+    done = len(stopped["train_losses"])
+    await svc.restart_training(sid, n_epochs=1)
+    final = await follow(svc, sid, interval=0.3, show_progress=False)
+    assert final["status_type"] == "completed" and len(final["train_losses"]) == done + 1
+
+
+async def test_browser_style_single_dict_arguments(alice):
+    _, svc = alice
+    status = await svc.get_training_capabilities()
+    assert status["parameters"]["n_epochs"]["default"] == 10
+    assert status["parameters"]["learning_rate"]["default"] == 1e-6
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "needle"),
+    [
+        ({"session_id": "no-such-session"}, "not found"),
+        ({"session_id": "../../etc"}, "session_id"),
+        ({"session_id": 42}, "session_id"),
+    ],
+)
+async def test_bad_status_requests_are_named_and_the_service_stays_up(alice, kwargs, needle):
+    _, svc = alice
+    with pytest.raises(Exception, match=needle):
+        await svc.get_training_status(**kwargs)
+    assert "cpsam" in await svc.list_pretrained_models()
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "needle"),
+    [
+        ({"n_epochs": 0}, "n_epochs"),
+        ({"learning_rate": -1.0}, "learning_rate"),
+        ({"validation_interval": 1}, "validation_interval"),
+        ({"train_images": "../x/"}, "train_images"),
+        ({"model": "no-such-model"}, "not found"),
+        ({"artifact": "ws-user-alice/missing"}, "not found"),
+        ({"test_images": "images/test/"}, "test_annotations"),
+    ],
+)
+async def test_bad_training_requests_are_named(alice, dataset, kwargs, needle):
+    _, svc = alice
+    args = dict(
+        artifact=dataset,
+        train_images="images/train/",
+        train_annotations="annotations/train/",
+        model="tiny",
+    )
+    args.update(kwargs)
+    with pytest.raises(Exception, match=needle):
+        await svc.start_training(**args)
