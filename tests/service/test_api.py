@@ -260,3 +260,43 @@ async def test_bad_training_requests_are_named(alice, dataset, kwargs, needle):
     args.update(kwargs)
     with pytest.raises(Exception, match=needle):
         await svc.start_training(**args)
+
+
+async def test_service_id_is_the_contracts(running_stack):
+    assert running_stack.service_id == "bioimage-io/cellpose-finetuning"
+
+
+async def test_2500_files_are_listed_past_the_old_1000_cap(alice, running_stack, tmp_path):
+    """1250 image/mask pairs (2500 files) in one folder: all are listed and paired."""
+    from PIL import Image
+
+    server, svc = alice
+    root = tmp_path / "many"
+    (root / "img").mkdir(parents=True)
+    (root / "lbl").mkdir()
+    rng = np.random.default_rng(0)
+    mask = np.zeros((24, 24), "uint8")
+    mask[4:12, 4:12], mask[14:20, 10:22] = 1, 2
+    for i in range(1250):
+        Image.fromarray(rng.integers(0, 255, (24, 24), dtype="uint8")).save(
+            root / "img" / f"f{i:04d}.png"
+        )
+        Image.fromarray(mask).save(root / "lbl" / f"f{i:04d}_mask.png")
+    artifact = await upload_folder(server, root, alias="many-files")
+    started = await svc.start_training(
+        artifact=artifact,
+        train_images="img/*.png",
+        train_annotations="lbl/*_mask.png",
+        model="tiny",
+        n_epochs=1,
+        n_samples=3,
+    )
+    status = await follow(svc, started["session_id"], interval=0.5, show_progress=False)
+    assert status["status_type"] == "completed", status["message"]
+    assert status["n_train"] == 3
+    import json
+
+    data = json.loads(
+        (running_stack.data_dir / "sessions" / started["session_id"] / "data.json").read_text()
+    )
+    assert data["source"]["n_available"] == 2500

@@ -34,6 +34,9 @@ log = logging.getLogger(__name__)
 
 SERVICE_ID = "cellpose-finetuning"
 SERVICE_USER = "cellpose-service"
+#: The embedded stack registers the service where the original lived, so the
+#: contract's ``get_service("bioimage-io/cellpose-finetuning")`` works verbatim.
+DEFAULT_WORKSPACE = "bioimage-io"
 MIN_TOKEN_LIFETIME_S = 24 * 3600
 
 
@@ -77,16 +80,55 @@ def _write_private(path: Path, data: dict[str, Any]) -> None:
     os.replace(tmp, path)
 
 
+async def _workspace_connection(admin: Any, server_url: str, workspace: str) -> Any:
+    """Create ``workspace`` (owned by the service) if needed and connect to it."""
+    from hypha_rpc import connect_to_server
+
+    try:
+        await admin.create_workspace(
+            {
+                "id": workspace,
+                "name": workspace,
+                "description": "cellpose-finetuning service",
+                "owners": [SERVICE_USER],
+                "persistent": True,
+            }
+        )
+    except Exception as exc:
+        if "exist" not in str(exc).lower():
+            raise
+    token = await admin.generate_token({"workspace": workspace, "expires_in": 365 * 24 * 3600})
+    return await connect_to_server(
+        {"server_url": server_url, "token": token, "workspace": workspace}
+    )
+
+
 async def start_service(
-    server_url: str, token: str, data_dir: Path, service_config: dict[str, Any]
-) -> tuple[Any, Any, Any]:
-    """Connect, build and register the service. Returns (connection, service, info)."""
+    server_url: str,
+    token: str,
+    data_dir: Path,
+    service_config: dict[str, Any],
+    workspace: str | None = None,
+) -> tuple[Any, Any, Any, Any]:
+    """Connect, build and register the service.
+
+    The service reads artifacts through the connection of ``token`` (on the
+    embedded stack an admin identity) and registers in ``workspace``
+    (created if missing) or the token's own workspace.
+
+    Returns
+    -------
+    (connection, registering connection, service, registration info)
+    """
     from hypha_rpc import connect_to_server
 
     from cellpose_finetuning.service.api import CellposeService, ServiceConfig
 
-    server = await connect_to_server({"server_url": server_url, "token": token})
-    am = await server.get_service("public/artifact-manager")
+    admin = await connect_to_server({"server_url": server_url, "token": token})
+    server = admin
+    if workspace and workspace != admin.config.workspace:
+        server = await _workspace_connection(admin, server_url, workspace)
+    am = await admin.get_service("public/artifact-manager")
     service = CellposeService(
         ServiceConfig(data_dir=data_dir, **service_config),
         artifact_manager=am,
@@ -102,7 +144,7 @@ async def start_service(
             **service.service_functions(),
         }
     )
-    return server, service, info
+    return admin, server, service, info
 
 
 async def serve(
@@ -127,7 +169,7 @@ async def serve(
         with contextlib.suppress(NotImplementedError, RuntimeError, ValueError):
             loop.add_signal_handler(sig, stop.set)
     stack: EmbeddedStack | None = None
-    server = service = None
+    admin = server = service = None
     try:
         if options.server_url:
             server_url = options.server_url
@@ -141,6 +183,7 @@ async def serve(
                     f"the token expires at {when}, in less than a day; get a fresh one"
                 )
             user_token = None
+            workspace = options.workspace
         else:
             cfg = options.stack or StackConfig(data_dir=data_dir)
             cfg.data_dir = data_dir
@@ -149,8 +192,9 @@ async def serve(
             server_url = stack.server_url
             token = stack.token(SERVICE_USER, expires_in=365 * 24 * 3600, roles=("admin",))
             user_token = stack.token(options.user)
-        server, service, info = await start_service(
-            server_url, token, data_dir, options.service_config
+            workspace = options.workspace or DEFAULT_WORKSPACE
+        admin, server, service, info = await start_service(
+            server_url, token, data_dir, options.service_config, workspace
         )
         workspace = server.config.workspace
         connection = {
@@ -187,9 +231,9 @@ async def serve(
         if service is not None:
             with contextlib.suppress(Exception):
                 await service.close()
-        if server is not None:
+        for conn in {id(c): c for c in (server, admin) if c is not None}.values():
             with contextlib.suppress(Exception):
-                await server.disconnect()
+                await conn.disconnect()
         if stack is not None:
             await asyncio.to_thread(stack.stop)
         with contextlib.suppress(FileNotFoundError):

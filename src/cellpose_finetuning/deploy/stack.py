@@ -44,6 +44,8 @@ class StackError(CellposeFinetuningError):
 def port_is_free(port: int, host: str = "127.0.0.1") -> bool:
     """Whether a TCP port can be bound on ``host``."""
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        # Like the servers themselves: a port in TIME_WAIT after a restart is free.
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
             sock.bind((host, port))
         except OSError:

@@ -12,6 +12,8 @@ A package is a folder (or its zip) that ``bioimageio.spec`` validates and
     doc.md              base model, data, settings, curves, metrics, usage, license
     environment.yaml    conda environment for the weights (``dependencies``)
     training_curves.png the session's loss/metric curves (an attachment)
+    sample_input.tif    the test tensors as TIFF (the spec's ``sample_tensor``)
+    sample_output.tif
 
 The model takes raw images and returns instance labels: cellpose's
 normalisation, tiling and flow dynamics run inside ``model.py`` (see
@@ -47,6 +49,7 @@ from cellpose_finetuning.engine.models import ArchSpec, read_state_dict
 from cellpose_finetuning.engine.schemas import InferenceSettings, TrainingStatus
 from cellpose_finetuning.engine.sessions import Session
 from cellpose_finetuning.errors import CellposeFinetuningError, Conflict, InvalidInput
+from cellpose_finetuning.export._spec_compat import ensure_compatible
 
 if TYPE_CHECKING:
     import torch
@@ -77,11 +80,16 @@ CONTRACT_FILES = (
 )
 ENVIRONMENT_FILE = "environment.yaml"
 CURVES_FILE = "training_curves.png"
+#: The test tensors as TIFF, for people and viewers (the spec's ``sample_tensor``).
+SAMPLE_INPUT_FILE = "sample_input.tif"
+SAMPLE_OUTPUT_FILE = "sample_output.tif"
 
 #: Session states whose weights may be exported.
 EXPORTABLE_STATES = frozenset({"completed", "stopped"})
 #: The sample image is centre-cropped to at most this many pixels per side.
 SAMPLE_MAX_SIDE = 512
+#: Session images tried, in turn, for a sample the model finds objects in.
+MAX_SAMPLE_TRIES = 5
 #: Spatial axes accept any size from this up (cellpose pads and tiles internally).
 MIN_SPATIAL_SIZE = 16
 INPUT_ID = "input"
@@ -89,6 +97,7 @@ OUTPUT_ID = "labels"
 #: Label images may differ in a few boundary pixels on other hardware.
 MISMATCHED_PIXELS_PER_MILLION = 2000
 COVER_MAX_HEIGHT = 400
+COVER_MAX_BYTES = 500_000
 _MODEL_TEMPLATE = Path(__file__).with_name("bioimageio_model.py")
 _WRAPPER_CALLABLE = "CellposeSAMSegmenter"
 
@@ -229,6 +238,8 @@ def _validate(source: str | os.PathLike[str]) -> tuple[list[str], list[str]]:
     """Load a package with the spec's IO checks; return (errors, warnings)."""
     from bioimageio.spec import load_description
 
+    ensure_compatible()
+
     path = Path(source)
     if path.is_dir():
         path = path / "rdf.yaml"
@@ -356,28 +367,58 @@ def _center_crop(image: np.ndarray, max_side: int) -> np.ndarray:
     return image[..., top : top + min(h, max_side), left : left + min(w, max_side)]
 
 
-def _pick_sample(
-    session: Session, sample_image: str | os.PathLike[str] | np.ndarray | None
-) -> tuple[np.ndarray, str, bool]:
-    """The sample image as (C, H, W) float32 (at most 3 channels), its name, and if cropped."""
-    from cellpose_finetuning.io.images import read_image, to_canonical
-
-    if isinstance(sample_image, np.ndarray):
-        image, name = to_canonical(sample_image, name="sample_image"), "sample_image"
-    elif sample_image is not None:
-        image, name = read_image(sample_image), Path(sample_image).name
-    else:
-        data = session.data
-        pairs = data.test or data.train
-        if not pairs:
-            raise InvalidInput("sample_image", "the session has no images; pass sample_image")
-        source = "test" if data.test else "training"
-        image, name = read_image(pairs[0][0]), f"{Path(pairs[0][0]).name} ({source} set)"
+def _prepare_sample(image: np.ndarray) -> tuple[np.ndarray, bool]:
+    """(C, H, W) float32 with at most 3 channels, centre-cropped; and whether it was cropped."""
     if image.ndim != 3:
         raise InvalidInput("sample_image", f"must be a 2D image, got shape {image.shape}")
     cropped = max(image.shape[-2:]) > SAMPLE_MAX_SIDE
     image = _center_crop(image[:3], SAMPLE_MAX_SIDE)
-    return np.ascontiguousarray(image, dtype=np.float32), name, cropped
+    return np.ascontiguousarray(image, dtype=np.float32), cropped
+
+
+def _sample_candidates(
+    session: Session, sample_image: str | os.PathLike[str] | np.ndarray | None
+) -> list[tuple[str, Any]]:
+    """(name, image or path) to try as the sample: the given one, else test then train images."""
+    if isinstance(sample_image, np.ndarray):
+        return [("sample_image", sample_image)]
+    if sample_image is not None:
+        return [(Path(sample_image).name, sample_image)]
+    data = session.data
+    candidates = [(f"{Path(i).name} (test set)", i) for i, _ in data.test]
+    candidates += [(f"{Path(i).name} (training set)", i) for i, _ in data.train]
+    if not candidates:
+        raise InvalidInput("sample_image", "the session has no images; pass sample_image")
+    return candidates[:MAX_SAMPLE_TRIES]
+
+
+def _segment_a_sample(
+    model: Any, candidates: list[tuple[str, Any]]
+) -> tuple[np.ndarray, np.ndarray, str, bool]:
+    """The first candidate the model finds objects in: (image, labels, name, cropped).
+
+    The spec refuses an all-zero test output ("too small for reliable
+    testing"), so a sample without any object cannot make a valid package.
+    """
+    from cellpose_finetuning.io.images import read_image, to_canonical
+
+    tried = []
+    for name, source in candidates:
+        if isinstance(source, np.ndarray):
+            raw = to_canonical(source, name="sample_image")
+        else:
+            raw = read_image(source)
+        image, cropped = _prepare_sample(raw)
+        labels = _run_model(model, image[None])
+        if labels.max() > 0:
+            return image, labels, name, cropped
+        tried.append(name)
+    raise ExportError(
+        "the model finds no objects in the sample image(s), and bioimage.io needs a test "
+        "output with objects; train longer, lower cellprob_threshold, or pass a "
+        "sample_image with objects the model finds",
+        [f"no objects in {n}" for n in tried],
+    )
 
 
 def _load_wrapper_module(model_py: Path) -> Any:
@@ -393,35 +434,45 @@ def _load_wrapper_module(model_py: Path) -> Any:
     return module
 
 
+def _load_exported_model(
+    package_dir: Path, architecture: Mapping[str, Any], weights_file: str
+) -> Any:
+    """Instantiate the package's architecture and load its weights strictly (as bioimageio.core)."""
+    import torch
+
+    module = _load_wrapper_module(package_dir / architecture["source"])
+    model = getattr(module, architecture["callable"])(**architecture.get("kwargs", {}))
+    state = torch.load(package_dir / weights_file, map_location="cpu", weights_only=True)
+    model.load_state_dict(state, strict=True)
+    return model.eval()
+
+
+def _run_model(model: Any, batch: np.ndarray) -> np.ndarray:
+    import torch
+
+    with torch.no_grad():
+        out = model(torch.from_numpy(np.ascontiguousarray(batch, dtype=np.float32)))
+    return out.cpu().numpy().astype(np.int32, copy=False)
+
+
 def run_exported_model(package_dir: str | os.PathLike[str], image: np.ndarray) -> np.ndarray:
     """Run a package's ``model.py`` + ``model_weights.pth`` on a (B, C, H, W) batch.
 
-    Reads the architecture kwargs from ``rdf.yaml``, loads the weights with
-    strict key checking, as ``bioimageio.core`` does.
+    Reads the architecture kwargs from ``rdf.yaml`` and loads the weights
+    with strict key checking, as ``bioimageio.core`` does.
 
     Returns
     -------
     numpy.ndarray
         (B, 1, H, W) int32 labels.
     """
-    import torch
     import yaml
 
     package_dir = Path(package_dir)
-    rdf = yaml.safe_load((package_dir / "rdf.yaml").read_text())
-    arch = rdf["weights"]["pytorch_state_dict"]["architecture"]
-    module = _load_wrapper_module(package_dir / arch["source"])
-    model = getattr(module, arch["callable"])(**arch.get("kwargs", {}))
-    state = torch.load(
-        package_dir / rdf["weights"]["pytorch_state_dict"]["source"],
-        map_location="cpu",
-        weights_only=True,
-    )
-    model.load_state_dict(state, strict=True)
-    model.eval()
-    with torch.no_grad():
-        out = model(torch.from_numpy(np.ascontiguousarray(image, dtype=np.float32)))
-    return out.cpu().numpy()
+    weights = yaml.safe_load((package_dir / "rdf.yaml").read_text())["weights"]
+    entry = weights["pytorch_state_dict"]
+    model = _load_exported_model(package_dir, entry["architecture"], entry["source"])
+    return _run_model(model, image)
 
 
 def _write_weights(state: Mapping[str, torch.Tensor], path: Path) -> None:
@@ -446,6 +497,20 @@ def _write_cover(image: np.ndarray, labels: np.ndarray, path: Path) -> None:
             (max(1, round(picture.width * scale)), COVER_MAX_HEIGHT), Image.Resampling.LANCZOS
         )
     picture.save(path, optimize=True)
+    if path.stat().st_size > COVER_MAX_BYTES:
+        # The spec asks for covers under 500 kB; a 256-colour palette keeps the look.
+        picture.quantize(colors=256, method=Image.Quantize.MEDIANCUT).save(path, optimize=True)
+
+
+def _write_sample_tiffs(
+    out: Path, image: np.ndarray, labels: np.ndarray, files: dict[str, Path]
+) -> None:
+    import tifffile
+
+    files[SAMPLE_INPUT_FILE] = out / SAMPLE_INPUT_FILE
+    files[SAMPLE_OUTPUT_FILE] = out / SAMPLE_OUTPUT_FILE
+    tifffile.imwrite(files[SAMPLE_INPUT_FILE], image.astype(np.float32))
+    tifffile.imwrite(files[SAMPLE_OUTPUT_FILE], labels.astype(np.int32))
 
 
 def _write_environment(path: Path) -> None:
@@ -562,32 +627,208 @@ def _settings_for_export(status: TrainingStatus, session: Session) -> dict[str, 
     return settings
 
 
+# --------------------------------------------------------------------------- plan
+@dataclass
+class _Plan:
+    """Everything decided about one package before its files are written."""
+
+    session_id: str
+    checkpoint: str
+    weights_file: str
+    arch: ArchSpec
+    n_params: int
+    base: dict[str, Any]
+    license: str
+    name: str
+    description: str
+    authors: list[dict[str, Any]]
+    tags: list[str]
+    parent_id: str | None
+    dataset_id: str | None
+    n_train: int
+    n_test: int
+    sample_name: str
+    sample_shape: tuple[int, ...]
+    cropped: bool
+    settings: dict[str, Any]
+    status: TrainingStatus
+    metrics: dict[str, Any]
+    inference: dict[str, Any]
+    has_curves: bool
+    timestamp: str
+
+    @property
+    def n_channels(self) -> int:
+        return self.sample_shape[0]
+
+
+def _file(name: str) -> dict[str, Any]:
+    """A file entry; its sha256 is filled in by :func:`_fill_hashes`."""
+    return {"source": name, "sha256": None}
+
+
+def _fill_hashes(node: Any, root: Path) -> None:
+    """Set every ``sha256: None`` next to a local ``source`` to the file's hash."""
+    if isinstance(node, dict):
+        if node.get("sha256", 0) is None and isinstance(node.get("source"), str):
+            node["sha256"] = _sha256(root / node["source"])
+        for value in node.values():
+            _fill_hashes(value, root)
+    elif isinstance(node, list):
+        for value in node:
+            _fill_hashes(value, root)
+
+
+def _rdf(plan: _Plan) -> dict[str, Any]:
+    """The model description, as plain YAML data (hashes still empty)."""
+    import torch
+    from bioimageio.spec.model.v0_5 import ModelDescr
+
+    spatial_in = [
+        {"type": "space", "id": ax, "size": {"min": MIN_SPATIAL_SIZE, "step": 1}}
+        for ax in ("y", "x")
+    ]
+    spatial_out = [
+        {"type": "space", "id": ax, "size": {"tensor_id": INPUT_ID, "axis_id": ax}}
+        for ax in ("y", "x")
+    ]
+    rdf: dict[str, Any] = {
+        "type": "model",
+        "format_version": ModelDescr.implemented_format_version,
+        "name": plan.name,
+        "description": plan.description,
+        "authors": plan.authors,
+        "cite": [dict(c) for c in CITATIONS],
+        "license": plan.license,
+        "tags": plan.tags,
+        "documentation": _file("doc.md"),
+        "covers": [_file("cover.png")],
+        "attachments": [_file(CURVES_FILE)] if plan.has_curves else [],
+        "timestamp": plan.timestamp,
+        "inputs": [
+            {
+                "id": INPUT_ID,
+                "description": "Raw 2D image(s), any intensity range: do not normalise, the "
+                "model rescales each channel to its 1-99 percentiles itself.",
+                "axes": [
+                    {"type": "batch"},
+                    {
+                        "type": "channel",
+                        "channel_names": [f"channel{i}" for i in range(plan.n_channels)],
+                    },
+                    *spatial_in,
+                ],
+                "data": {"type": "float32"},
+                "test_tensor": _file("input_sample.npy"),
+                "sample_tensor": _file(SAMPLE_INPUT_FILE),
+            }
+        ],
+        "outputs": [
+            {
+                "id": OUTPUT_ID,
+                "description": "Instance labels, 0 = background (cellpose masks).",
+                "axes": [
+                    {"type": "batch"},
+                    {"type": "channel", "channel_names": ["labels"]},
+                    *spatial_out,
+                ],
+                "data": {"type": "int32"},
+                "test_tensor": _file("output_sample.npy"),
+                "sample_tensor": _file(SAMPLE_OUTPUT_FILE),
+            }
+        ],
+        "weights": {
+            "pytorch_state_dict": {
+                **_file("model_weights.pth"),
+                "architecture": {
+                    **_file("model.py"),
+                    "callable": _WRAPPER_CALLABLE,
+                    "kwargs": {**_arch_kwargs(plan.arch), **plan.inference},
+                },
+                "pytorch_version": torch.__version__.split("+")[0],
+                "dependencies": _file(ENVIRONMENT_FILE),
+                "strict": True,
+            }
+        },
+        "config": {
+            "bioimageio": {
+                "reproducibility_tolerance": [
+                    {
+                        "relative_tolerance": 0.0,
+                        "absolute_tolerance": 0.0,
+                        "mismatched_elements_per_million": MISMATCHED_PIXELS_PER_MILLION,
+                        "output_ids": [OUTPUT_ID],
+                    }
+                ],
+                "architecture_type": "ViT (SAM) + cellpose flows",
+                "architecture_description": "Cellpose-SAM: SAM ViT image encoder with 8 px "
+                "tokens and a linear readout of XY flows and cell probability, followed by "
+                "cellpose flow dynamics (run inside model.py).",
+                "task": "instance segmentation",
+                "model_parameter_count": plan.n_params,
+                "training": _training_details(plan.settings, plan.status),
+            },
+            "cellpose_finetuning": {
+                "exporter": f"cellpose-finetuning {_package_version()}",
+                "session_id": plan.session_id,
+                "checkpoint": plan.checkpoint,
+                "weights_file": plan.weights_file,
+                "base_model": plan.base,
+                "architecture": plan.arch.model_dump(mode="json"),
+                "training_dataset_id": plan.dataset_id,
+                "data": {
+                    "n_train": plan.n_train,
+                    "n_test": plan.n_test,
+                    "sample": plan.sample_name,
+                },
+                "settings": plan.settings,
+                "metrics": plan.metrics,
+                "inference": plan.inference,
+            },
+        },
+    }
+    if plan.parent_id:
+        rdf["parent"] = {"id": plan.parent_id}
+    if _valid_dataset_id(plan.dataset_id):
+        rdf["training_data"] = {"id": plan.dataset_id}
+    elif plan.dataset_id:
+        log.warning("dataset id %r is not a valid bioimage.io id; kept in config", plan.dataset_id)
+    return rdf
+
+
 # --------------------------------------------------------------------------- doc.md
-def _doc(ctx: dict[str, Any]) -> str:
-    m = ctx["metrics"]
-    s = ctx["settings"]
-    base = ctx["base"]
+def _doc(plan: _Plan) -> str:
+    m, s, base, arch, kw = plan.metrics, plan.settings, plan.base, plan.arch, plan.inference
+    resize = (
+        f"the image is resized by 30 / {_fmt(kw['diameter'])} (diameter)"
+        if kw["diameter"]
+        else "no resizing (diameter = None)"
+    )
     lines = [
-        f"# {ctx['name']}",
+        f"# {plan.name}",
         "",
-        ctx["description"],
+        plan.description,
         "",
         "## Base model",
         "",
         f"- **Started from:** {base['name']} — {base['source']}",
-        f"- **Architecture:** cellpose `Transformer` with a SAM ViT encoder "
-        f"(preset `{ctx['arch'].name}`: embed_dim {ctx['arch'].embed_dim}, depth "
-        f"{ctx['arch'].depth}, heads {ctx['arch'].num_heads}), {ctx['n_params']:,} parameters",
-        f"- **Checkpoint exported:** `{ctx['checkpoint']}` of training session "
-        f"`{ctx['session_id']}`",
+        f"- **Architecture:** cellpose `Transformer` with a SAM ViT encoder (preset "
+        f"`{arch.name}`: embed_dim {arch.embed_dim}, depth {arch.depth}, heads "
+        f"{arch.num_heads}), {plan.n_params:,} parameters",
+        f"- **Checkpoint exported:** `{plan.checkpoint}` (`{plan.weights_file}`) of training "
+        f"session `{plan.session_id}`",
         "",
         "## Training data",
         "",
-        f"- **Training images:** {ctx['n_train']}",
-        f"- **Test (validation) images:** {ctx['n_test']}",
-        f"- **Dataset:** {ctx['dataset_id'] or 'local files (no dataset id)'}",
-        f"- **Sample image in this package:** {ctx['sample_name']}"
-        + (f", centre-cropped to {ctx['sample_shape']}" if ctx["cropped"] else ""),
+        f"- **Training images:** {plan.n_train}",
+        f"- **Test (validation) images:** {plan.n_test}",
+        f"- **Dataset:** {plan.dataset_id or 'local files (no dataset id)'}",
+        f"- **Sample image in this package:** {plan.sample_name}"
+        + (
+            f", centre-cropped to {plan.sample_shape[-2]}×{plan.sample_shape[-1]}"
+            if plan.cropped
+            else ""
+        ),
         "",
         "## Training",
         "",
@@ -595,15 +836,15 @@ def _doc(ctx: dict[str, Any]) -> str:
         "|---|---|",
         *[f"| {k} | {_fmt(v)} |" for k, v in s.items()],
         f"| epochs run | {_fmt(m.get('epochs_run'))} |",
-        f"| training time (s) | {_fmt(ctx['elapsed'])} |",
+        f"| training time (s) | {_fmt(plan.status.elapsed_seconds)} |",
         "",
         "Training used cellpose 4's own recipe: flows computed from the masks, per-channel "
         "1–99 percentile normalisation, random rotation/flip/scale augmentation on "
-        f"{ctx['arch'].bsize}×{ctx['arch'].bsize} tiles, cellpose's loss (flow MSE + "
-        "cell-probability BCE) and AdamW.",
+        f"{arch.bsize}×{arch.bsize} tiles, cellpose's loss (flow MSE + cell-probability BCE) "
+        "and AdamW.",
         "",
     ]
-    if ctx["has_curves"]:
+    if plan.has_curves:
         lines += ["![Training curves](training_curves.png)", ""]
     lines += [
         "## Validation",
@@ -619,13 +860,12 @@ def _doc(ctx: dict[str, Any]) -> str:
         f"({_fmt(m.get('best_test_loss_epoch'))}) |",
         f"| final test loss | {_fmt(m.get('final_test_loss'))} |",
     ]
-    px = m.get("pixel_metrics")
+    px, im = m.get("pixel_metrics"), m.get("instance_metrics")
     if px:
-        lines += [
+        lines.append(
             f"| pixel F1 / IoU (epoch {m['pixel_metrics_epoch']}) | "
-            f"{_fmt(px['f1'])} / {_fmt(px['iou'])} |",
-        ]
-    im = m.get("instance_metrics")
+            f"{_fmt(px['f1'])} / {_fmt(px['iou'])} |"
+        )
     if im:
         lines += [
             f"| AP@0.5 / AP@0.75 / AP@0.9 | {_fmt(im['ap_0_5'])} / {_fmt(im['ap_0_75'])} / "
@@ -633,13 +873,7 @@ def _doc(ctx: dict[str, Any]) -> str:
             f"| objects true / predicted | {im['n_true']} / {im['n_pred']} |",
         ]
     if not (px or im or m.get("best_test_loss") is not None):
-        lines += ["| test metrics | none recorded (no test images) |"]
-    kw = ctx["inference"]
-    resize = (
-        f"the image is resized by 30 / {_fmt(kw['diameter'])} (diameter)"
-        if kw["diameter"]
-        else "no resizing (diameter = None)"
-    )
+        lines.append("| test metrics | none recorded (no test images) |")
     lines += [
         "",
         "To validate on your own data, segment annotated images that were not used for "
@@ -648,7 +882,7 @@ def _doc(ctx: dict[str, Any]) -> str:
         "## Input and output",
         "",
         f"- **Input `{INPUT_ID}`:** `(batch, channel, y, x)` float32, **raw** intensities "
-        f"(any range), {ctx['n_channels']} channel(s), any height and width "
+        f"(any range), {plan.n_channels} channel(s), any height and width "
         f"≥ {MIN_SPATIAL_SIZE} px. Do not normalise: the model does it.",
         f"- **Output `{OUTPUT_ID}`:** `(batch, channel=1, y, x)` int32 instance labels, "
         "0 = background, same height and width as the input.",
@@ -662,9 +896,9 @@ def _doc(ctx: dict[str, Any]) -> str:
         "(cellpose `normalize99`, per image); fewer than 3 channels are zero-padded, more "
         "are cut to the first 3;",
         f"2. {resize};",
-        f"3. the network runs on overlapping {ctx['arch'].bsize}×{ctx['arch'].bsize} tiles "
-        f"(overlap {kw['tile_overlap']}), so images of any size work; run it on whole "
-        "images, not on tiles cut by the caller (labels would not match across tiles);",
+        f"3. the network runs on overlapping {arch.bsize}×{arch.bsize} tiles (overlap "
+        f"{kw['tile_overlap']}), so images of any size work; run it on whole images, not "
+        "on tiles cut by the caller (labels would not match across tiles);",
         f"4. cellpose flow dynamics ({kw['niter'] or 200} steps) turn flows and cell "
         f"probability into masks: cell probability threshold {kw['cellprob_threshold']}, "
         f"flow error threshold {kw['flow_threshold']}, objects smaller than "
@@ -672,32 +906,32 @@ def _doc(ctx: dict[str, Any]) -> str:
         "",
         "## How to use",
         "",
-        "With bioimageio.core (the environment in `environment.yaml`):",
+        "With bioimageio.core (in the environment of `environment.yaml`):",
         "",
         "```python",
         "import numpy as np",
         "from bioimageio.core import load_model_description, predict",
         "",
         'model = load_model_description("model.zip")',
-        f"image = np.load('input_sample.npy')  # (1, {ctx['n_channels']}, H, W) float32, raw",
+        f'image = np.load("input_sample.npy")  # (1, {plan.n_channels}, H, W) float32, raw',
         f'labels = predict(model=model, inputs={{"{INPUT_ID}": image}})'
         f'.members["{OUTPUT_ID}"].data',
         "```",
         "",
-        "Or in plain Python with the files of this package:",
+        "Or in plain Python, from the unpacked files:",
         "",
         "```python",
-        "import torch, yaml",
+        "import numpy as np, torch, yaml",
         "from model import CellposeSAMSegmenter",
         "",
-        'kwargs = yaml.safe_load(open("rdf.yaml"))["weights"]["pytorch_state_dict"]'
-        '["architecture"]["kwargs"]',
-        "net = CellposeSAMSegmenter(**kwargs)",
+        'rdf = yaml.safe_load(open("rdf.yaml"))',
+        'net = CellposeSAMSegmenter(**rdf["weights"]["pytorch_state_dict"]["architecture"]'
+        '["kwargs"])',
         'net.load_state_dict(torch.load("model_weights.pth", weights_only=True))',
-        "labels = net.eval().segment(image_chw)  # (H, W) int32",
+        'labels = net.eval().segment(np.load("input_sample.npy")[0])  # (H, W) int32',
         "```",
     ]
-    if ctx["arch"].is_cpsam:
+    if arch.is_cpsam:
         lines += [
             "",
             "`model_weights.pth` is a plain cellpose state dict, so cellpose itself can use "
@@ -707,22 +941,22 @@ def _doc(ctx: dict[str, Any]) -> str:
         "",
         "## Limitations",
         "",
-        f"- Fine-tuned on {ctx['n_train']} image(s); expect it to work on images like "
-        "those, not in general. Check results by eye before using them.",
+        f"- Fine-tuned on {plan.n_train} image(s): expect it to work on images like those, "
+        "not in general. Check results by eye before relying on them.",
         "- 2D only (run 3D stacks plane by plane).",
         "- Label numbers are arbitrary; on other hardware a few boundary pixels may differ.",
         "",
         "## License",
         "",
-        f"These weights are released under **{ctx['license']}**. {base['notes']}",
-        "cellpose's code is BSD-3-Clause (HHMI); `model.py` here imports it. Check that "
-        "the license of the training images allows you to share a model trained on them.",
+        f"These weights are released under **{plan.license}**. {base['notes']} "
+        "cellpose's code is BSD-3-Clause (HHMI); `model.py` imports it. Check that the "
+        "license of the training images allows sharing a model trained on them.",
         "",
         "## Citation",
         "",
         *[f"- {c['text']} doi:{c['doi']}" for c in CITATIONS],
         "",
-        f"Exported by cellpose-finetuning on {ctx['timestamp']}.",
+        f"Exported by cellpose-finetuning {_package_version()} on {plan.timestamp}.",
         "",
     ]
     return "\n".join(lines)
@@ -768,8 +1002,9 @@ def build_package(
         as on MouseLand's Hugging Face card), MIT for networks trained from
         scratch (tiny/small presets).
     sample_image : path-like or numpy.ndarray, optional
-        Image for the test tensors and cover. Default: the first test image,
-        else the first training image. Centre-cropped to 512 px per side.
+        Image for the test tensors and cover. Default: the first of the
+        session's test images, then training images (at most 5 tried), in
+        which the model finds objects. Centre-cropped to 512 px per side.
     inference : InferenceSettings, optional
         Thresholds and diameter built into the model (2D settings only).
     parent_id : str, optional
@@ -794,11 +1029,10 @@ def build_package(
     InvalidInput
         For bad arguments or a session without weights.
     ExportError
-        If ``bioimageio.spec`` finds the package invalid (its messages).
+        If ``bioimageio.spec`` finds the package invalid (its messages; the
+        folder is left for inspection), or the model finds no object in the
+        sample image(s): the spec refuses an all-zero test output.
     """
-    import torch
-    from bioimageio.spec.model.v0_5 import ModelDescr
-
     session = _open_session(session)
     status = _exportable_status(session)
     if checkpoint not in ("best", "last"):
@@ -806,10 +1040,10 @@ def build_package(
     weights_path = session.weights(checkpoint)
     if not weights_path.is_file():
         raise InvalidInput("checkpoint", f"session {session.id!r} has no saved weights")
-    inference = inference or InferenceSettings()
-    infer_kwargs = _inference_kwargs(inference)
+    infer_kwargs = _inference_kwargs(inference or InferenceSettings())
     if parent_id is not None:
         _valid_model_id(parent_id)
+    candidates = _sample_candidates(session, sample_image)
 
     out = Path(out_dir)
     if out.exists() and any(out.iterdir()):
@@ -818,204 +1052,71 @@ def build_package(
         shutil.rmtree(out)
     out.mkdir(parents=True, exist_ok=True)
     files = {name: out / name for name in CONTRACT_FILES}
-    files["environment"] = out / ENVIRONMENT_FILE
+    files[ENVIRONMENT_FILE] = out / ENVIRONMENT_FILE
 
-    # Weights: our checkpoint minus the architecture entry, so loading is strict.
+    # Weights: our checkpoint minus its architecture entry, so strict loading works.
     state, arch = read_state_dict(weights_path)
     _write_weights(state, files["model_weights.pth"])
     n_params = int(sum(v.numel() for k, v in state.items() if k != "W2"))
     del state
     shutil.copyfile(_MODEL_TEMPLATE, files["model.py"])
-    _write_environment(files["environment"])
+    _write_environment(files[ENVIRONMENT_FILE])
 
-    settings = _settings_for_export(status, session)
-    base = _base_model(_start_model(session, status), arch)
-    license_id = license or base["license"]
-    data = session.data
-    dataset_id = data.dataset_artifact_id
-    owner = session.owner
-
-    image, sample_name, cropped = _pick_sample(session, sample_image)
+    # The test output is what the exported model.py makes of the test input.
+    architecture = {
+        "source": "model.py",
+        "callable": _WRAPPER_CALLABLE,
+        "kwargs": {**_arch_kwargs(arch), **infer_kwargs},
+    }
+    model = _load_exported_model(out, architecture, "model_weights.pth")
+    image, labels, sample_name, cropped = _segment_a_sample(model, candidates)
+    del model
     np.save(files["input_sample.npy"], image[None])
-    n_channels = image.shape[0]
+    np.save(files["output_sample.npy"], labels)
+    _write_sample_tiffs(out, image, labels[0, 0], files)
+    _write_cover(image, labels[0, 0], files["cover.png"])
 
-    name = model_name or _safe_name(f"Cellpose-SAM fine-tuned {session.id}")
-    if description is None:
-        description = (
-            f"Cellpose-SAM ({arch.name} network) fine-tuned on {len(data.train)} training "
-            f"image(s)" + (f" of dataset {dataset_id}" if dataset_id else "") + f" for "
-            f"{len(status.train_losses)} epoch(s). Input: raw 2D image(s), {n_channels} "
-            "channel(s), any size; output: instance labels. Normalisation, tiling and flow "
-            "dynamics run inside the model (cellpose 4 eval)."
-        )
-
-    kwargs = {**_arch_kwargs(arch), **infer_kwargs}
-    metrics = _metrics(status)
-    has_curves = bool(status.train_losses)
+    has_curves = session.curves_file.is_file() or bool(status.train_losses)
     if session.curves_file.is_file():
         shutil.copyfile(session.curves_file, out / CURVES_FILE)
-        has_curves = True
     elif has_curves:
         from cellpose_finetuning.engine.plots import plot_training_curves
 
         plot_training_curves(status, out / CURVES_FILE)
     if has_curves:
-        files["training_curves"] = out / CURVES_FILE
+        files[CURVES_FILE] = out / CURVES_FILE
 
-    timestamp = datetime.now(UTC).replace(microsecond=0)
-    config_cpft = {
-        "exporter": f"cellpose-finetuning {_package_version()}",
-        "session_id": session.id,
-        "checkpoint": checkpoint,
-        "weights_file": weights_path.name,
-        "base_model": base,
-        "architecture": arch.model_dump(mode="json"),
-        "training_dataset_id": dataset_id,
-        "data": {"n_train": len(data.train), "n_test": len(data.test), "sample": sample_name},
-        "settings": settings,
-        "metrics": metrics,
-        "inference": infer_kwargs,
-    }
-    rdf: dict[str, Any] = {
-        "type": "model",
-        "format_version": ModelDescr.implemented_format_version,
-        "name": name,
-        "description": description,
-        "authors": _authors(authors, owner),
-        "cite": [dict(c) for c in CITATIONS],
-        "license": license_id,
-        "tags": list(dict.fromkeys([*DEFAULT_TAGS, *tags])),
-        "documentation": {"source": "doc.md", "sha256": None},
-        "covers": [{"source": "cover.png", "sha256": None}],
-        "attachments": [{"source": CURVES_FILE, "sha256": None}] if has_curves else [],
-        "timestamp": timestamp.isoformat(),
-        "inputs": [
-            {
-                "id": INPUT_ID,
-                "description": "Raw 2D image(s), any intensity range: do not normalise, the "
-                "model rescales each channel to its 1-99 percentiles itself.",
-                "axes": [
-                    {"type": "batch"},
-                    {
-                        "type": "channel",
-                        "channel_names": [f"channel{i}" for i in range(n_channels)],
-                    },
-                    *[
-                        {
-                            "type": "space",
-                            "id": ax,
-                            "size": {"min": MIN_SPATIAL_SIZE, "step": 1},
-                        }
-                        for ax in ("y", "x")
-                    ],
-                ],
-                "data": {"type": "float32"},
-                "test_tensor": {"source": "input_sample.npy", "sha256": None},
-            }
-        ],
-        "outputs": [
-            {
-                "id": OUTPUT_ID,
-                "description": "Instance labels, 0 = background (cellpose masks).",
-                "axes": [
-                    {"type": "batch"},
-                    {"type": "channel", "channel_names": ["labels"]},
-                    *[
-                        {"type": "space", "id": ax, "size": {"tensor_id": INPUT_ID, "axis_id": ax}}
-                        for ax in ("y", "x")
-                    ],
-                ],
-                "data": {"type": "int32"},
-                "test_tensor": {"source": "output_sample.npy", "sha256": None},
-            }
-        ],
-        "weights": {
-            "pytorch_state_dict": {
-                "source": "model_weights.pth",
-                "sha256": _sha256(files["model_weights.pth"]),
-                "architecture": {
-                    "source": "model.py",
-                    "sha256": _sha256(files["model.py"]),
-                    "callable": _WRAPPER_CALLABLE,
-                    "kwargs": kwargs,
-                },
-                "pytorch_version": torch.__version__.split("+")[0],
-                "dependencies": {
-                    "source": ENVIRONMENT_FILE,
-                    "sha256": _sha256(files["environment"]),
-                },
-                "strict": True,
-            }
-        },
-        "config": {
-            "bioimageio": {
-                "reproducibility_tolerance": [
-                    {
-                        "relative_tolerance": 0.0,
-                        "absolute_tolerance": 0.0,
-                        "mismatched_elements_per_million": MISMATCHED_PIXELS_PER_MILLION,
-                        "output_ids": [OUTPUT_ID],
-                    }
-                ],
-                "architecture_type": "ViT (SAM) + cellpose flows",
-                "architecture_description": "Cellpose-SAM: SAM ViT image encoder with 8 px "
-                "tokens and a linear readout of XY flows and cell probability, followed by "
-                "cellpose flow dynamics (run inside model.py).",
-                "task": "instance segmentation",
-                "model_parameter_count": n_params,
-                "training": _training_details(settings, status),
-            },
-            "cellpose_finetuning": config_cpft,
-        },
-    }
-    if parent_id:
-        rdf["parent"] = {"id": parent_id}
-    if _valid_dataset_id(dataset_id):
-        rdf["training_data"] = {"id": dataset_id}
-    elif dataset_id:
-        log.warning("dataset id %r is not a valid bioimage.io id; kept in config only", dataset_id)
-    for entry in [rdf["inputs"][0]["test_tensor"], rdf["outputs"][0]["test_tensor"]]:
-        entry.pop("sha256")
-    for att in rdf["attachments"]:
-        att["sha256"] = _sha256(out / att["source"])
-
-    # The test output is what the exported code makes of the test input.
-    _write_yaml(rdf, files["rdf.yaml"])
-    labels = run_exported_model(out, image[None])
-    np.save(files["output_sample.npy"], labels.astype(np.int32))
-    _write_cover(image, labels[0, 0], files["cover.png"])
-
-    files["doc.md"].write_text(
-        _doc(
-            {
-                "name": name,
-                "description": description,
-                "base": base,
-                "arch": arch,
-                "n_params": n_params,
-                "checkpoint": f"{checkpoint} ({weights_path.name})",
-                "session_id": session.id,
-                "n_train": len(data.train),
-                "n_test": len(data.test),
-                "dataset_id": dataset_id,
-                "sample_name": sample_name,
-                "sample_shape": tuple(image.shape),
-                "cropped": cropped,
-                "settings": settings,
-                "elapsed": status.elapsed_seconds,
-                "has_curves": has_curves,
-                "metrics": metrics,
-                "inference": infer_kwargs,
-                "n_channels": n_channels,
-                "license": license_id,
-                "timestamp": timestamp.isoformat(),
-            }
-        ),
-        encoding="utf-8",
+    data = session.data
+    base = _base_model(_start_model(session, status), arch)
+    plan = _Plan(
+        session_id=session.id,
+        checkpoint=checkpoint,
+        weights_file=weights_path.name,
+        arch=arch,
+        n_params=n_params,
+        base=base,
+        license=license or base["license"],
+        name=model_name or _safe_name(f"Cellpose-SAM fine-tuned {session.id}"),
+        description=description or _default_description(arch, data, status, image.shape[0]),
+        authors=_authors(authors, session.owner),
+        tags=list(dict.fromkeys([*DEFAULT_TAGS, *tags])),
+        parent_id=parent_id,
+        dataset_id=data.dataset_artifact_id,
+        n_train=len(data.train),
+        n_test=len(data.test),
+        sample_name=sample_name,
+        sample_shape=tuple(image.shape),
+        cropped=cropped,
+        settings=_settings_for_export(status, session),
+        status=status,
+        metrics=_metrics(status),
+        inference=infer_kwargs,
+        has_curves=has_curves,
+        timestamp=datetime.now(UTC).replace(microsecond=0).isoformat(),
     )
-    # Hashes of the test tensors, now that they exist.
-    rdf["inputs"][0]["test_tensor"]["sha256"] = _sha256(files["input_sample.npy"])
-    rdf["outputs"][0]["test_tensor"]["sha256"] = _sha256(files["output_sample.npy"])
+    rdf = _rdf(plan)
+    files["doc.md"].write_text(_doc(plan), encoding="utf-8")
+    _fill_hashes(rdf, out)
     _write_yaml(rdf, files["rdf.yaml"])
 
     errors, warnings = _validate(out)
@@ -1024,15 +1125,25 @@ def build_package(
     return PackageResult(
         path=out,
         files=files,
-        name=name,
-        license=license_id,
+        name=plan.name,
+        license=plan.license,
         session_id=session.id,
         checkpoint=checkpoint,
         weights_source=weights_path.name,
         base_model=base,
         parent_id=parent_id,
-        training_dataset_id=dataset_id,
+        training_dataset_id=plan.dataset_id,
         warnings=warnings,
+    )
+
+
+def _default_description(arch: ArchSpec, data: Any, status: TrainingStatus, n_channels: int) -> str:
+    dataset = f" of dataset {data.dataset_artifact_id}" if data.dataset_artifact_id else ""
+    return (
+        f"Cellpose-SAM ({arch.name} network) fine-tuned on {len(data.train)} training "
+        f"image(s){dataset} for {len(status.train_losses)} epoch(s). Input: raw 2D images, "
+        f"{n_channels} channel(s), any size; output: instance labels. Normalisation, tiling "
+        "and flow dynamics run inside the model (cellpose 4 eval)."
     )
 
 
@@ -1126,6 +1237,8 @@ def test_package(
     """
     from bioimageio.core import test_model
 
+    ensure_compatible()
+
     path = Path(source)
     if path.is_dir():
         path = path / "rdf.yaml"
@@ -1161,6 +1274,7 @@ def export_command_impl(
     name: str | None = None,
     license: str | None = None,
     *,
+    inference: InferenceSettings | None = None,
     run_test: bool = False,
     overwrite: bool = False,
 ) -> dict[str, Any]:
@@ -1189,6 +1303,7 @@ def export_command_impl(
         checkpoint=checkpoint,
         model_name=name,
         license=license,
+        inference=inference,
         overwrite=overwrite,
     )
     if zip_path is not None:
