@@ -490,6 +490,59 @@ def infer(
         click.echo(json.dumps(summary, indent=1))
 
 
+# --------------------------------------------------------------------------- export
+@main.command("export")
+@click.argument("session_dir", type=click.Path(exists=True, file_okay=False, path_type=Path))
+@click.option(
+    "--out",
+    type=click.Path(path_type=Path),
+    required=True,
+    help="model.zip (the package folder <stem>/ is written beside it) or a folder.",
+)
+@click.option(
+    "--checkpoint", type=click.Choice(["best", "last"]), default="best", show_default=True
+)
+@click.option(
+    "--name", default=None, help="Model name: letters, digits, _+-() and spaces, 5-128 characters."
+)
+@click.option(
+    "--license",
+    "license_",
+    default=None,
+    help="SPDX id. Default: the base model's (BSD-3-Clause for cpsam), MIT for "
+    "tiny/small networks.",
+)
+@click.option(
+    "--test/--no-test",
+    "run_test",
+    default=False,
+    help="Also run bioimageio.core's model test on the package.",
+)
+@click.option("--overwrite", is_flag=True, help="Replace an existing output.")
+@_friendly_errors
+def export(
+    session_dir: Path,
+    out: Path,
+    checkpoint: str,
+    name: str | None,
+    license_: str | None,
+    run_test: bool,
+    overwrite: bool,
+) -> None:
+    """Write a validated BioImage.IO model package of a finished or stopped session.
+
+    \b
+    Example:
+      cellpose-finetuning export runs/first --out my-model.zip --test
+    """
+    from cellpose_finetuning.export.bioimageio import export_command_impl
+
+    report = export_command_impl(
+        session_dir, out, checkpoint, name, license_, run_test=run_test, overwrite=overwrite
+    )
+    click.echo(json.dumps(report, indent=1, default=str))
+
+
 # --------------------------------------------------------------------------- service
 def _stack_options(func: F) -> F:
     options = [
@@ -595,6 +648,220 @@ def token(data_dir: Path, user: str, expires_in: int) -> None:
     if not (stack.data_dir / "secret.json").is_file():
         raise FileNotFoundError(f"no stack in {data_dir}; run 'cellpose-finetuning serve' first")
     click.echo(stack.token(user, expires_in=expires_in))
+
+
+# --------------------------------------------------------------------------- remote
+@main.group()
+@click.option(
+    "--data-dir",
+    type=click.Path(file_okay=False, path_type=Path),
+    default=None,
+    help="Read server URL, service id and token from this stack's connection.json.",
+)
+@click.option("--server-url", envvar="HYPHA_SERVER_URL", default=None)
+@click.option("--token", envvar="HYPHA_TOKEN", default=None)
+@click.option(
+    "--service-id",
+    envvar="CELLPOSE_SERVICE_ID",
+    default="bioimage-io/cellpose-finetuning",
+    show_default=True,
+)
+@click.pass_context
+def remote(
+    ctx: click.Context,
+    data_dir: Path | None,
+    server_url: str | None,
+    token: str | None,
+    service_id: str,
+) -> None:
+    """Use a running service (upload, train, status, stop, infer).
+
+    \b
+    Examples:
+      cellpose-finetuning remote --data-dir ~/.cellpose-finetuning upload data/ --alias my-data
+      cellpose-finetuning remote train --artifact ws-user-local-user/my-data \
+          --train-images images/train/ --train-annotations annotations/train/ --n-epochs 10
+    """
+    if data_dir is not None:
+        from cellpose_finetuning.deploy.serve import read_connection_file
+
+        conn = read_connection_file(data_dir)
+        server_url = server_url or conn["server_url"]
+        token = token or conn.get("token")
+        service_id = conn.get("service_id", service_id)
+    if not server_url:
+        raise click.UsageError("give --server-url (or HYPHA_SERVER_URL) or --data-dir")
+    ctx.obj = {"server_url": server_url, "token": token, "service_id": service_id}
+
+
+def _remote_run(ctx: click.Context, body: Callable[[Any, Any], Any]) -> Any:
+    import asyncio
+
+    from cellpose_finetuning.client import connect
+
+    async def go() -> Any:
+        server, svc = await connect(
+            ctx.obj["server_url"], token=ctx.obj["token"], service_id=ctx.obj["service_id"]
+        )
+        try:
+            return await body(server, svc)
+        finally:
+            await server.disconnect()
+
+    try:
+        return asyncio.run(go())
+    except Exception as exc:
+        if isinstance(exc, click.ClickException | CellposeFinetuningError):
+            raise
+        raise click.ClickException(_remote_message(exc)) from None
+
+
+def _remote_message(exc: Exception) -> str:
+    """The service's one-line message out of a hypha-rpc RemoteException's text."""
+    import re
+
+    lines = [ln.strip() for ln in str(exc).splitlines() if ln.strip()]
+    for line in reversed(lines):
+        match = re.match(r"^(?:\w+\.)*\w*(?:Error|Exception): (.+)$", line)
+        if match:
+            return match.group(1)
+    return lines[-1] if lines else repr(exc)
+
+
+@remote.command("upload")
+@click.argument("folder", type=click.Path(file_okay=False, exists=True, path_type=Path))
+@click.option("--alias", required=True, help="Dataset name (artifact alias).")
+@click.option("--public", is_flag=True, help="Readable by everyone.")
+@click.pass_context
+def remote_upload(ctx: click.Context, folder: Path, alias: str, public: bool) -> None:
+    """Upload a folder of images and masks as a dataset artifact; prints its id.
+
+    \b
+    Example:
+      cellpose-finetuning remote upload data/ --alias my-data
+    """
+    from tqdm import tqdm
+
+    from cellpose_finetuning.client import upload_folder
+
+    async def body(server: Any, _svc: Any) -> str:
+        with tqdm(unit="file", desc="upload") as bar:
+
+            def progress(done: int, total: int) -> None:
+                bar.total = total
+                bar.n = done
+                bar.refresh()
+
+            return await upload_folder(
+                server, folder, alias=alias, public=public, progress=progress
+            )
+
+    click.echo(_remote_run(ctx, body))
+
+
+@remote.command("train")
+@click.option("--artifact", required=True, help="Dataset: workspace/alias or artifact URL.")
+@click.option("--train-images", required=True)
+@click.option("--train-annotations", required=True)
+@click.option("--test-images", default=None)
+@click.option("--test-annotations", default=None)
+@click.option("--model", default="cpsam", show_default=True)
+@click.option("--n-epochs", type=int, default=10, show_default=True)
+@click.option("--learning-rate", type=float, default=1e-6, show_default=True)
+@click.option("--weight-decay", type=float, default=1e-4, show_default=True)
+@click.option("--validation-interval", type=int, default=None)
+@click.option("--n-samples", type=int, default=None)
+@click.option("--detach", is_flag=True, help="Print the session id and return.")
+@click.option("--json", "as_json", is_flag=True)
+@click.pass_context
+def remote_train(ctx: click.Context, detach: bool, as_json: bool, **kwargs: Any) -> None:
+    """Start training on the service and follow it with a progress bar.
+
+    \b
+    Example:
+      cellpose-finetuning remote train --artifact ws-user-me/my-data \
+          --train-images 'images/*.tif' --train-annotations 'masks/*_mask.tif'
+    """
+    from cellpose_finetuning.client import follow
+
+    kwargs = {k: v for k, v in kwargs.items() if v is not None}
+
+    async def body(_server: Any, svc: Any) -> dict[str, Any]:
+        started = await svc.start_training(**kwargs)
+        if detach:
+            return started
+        return await follow(svc, started["session_id"], show_progress=not as_json)
+
+    status = _remote_run(ctx, body)
+    if as_json or detach:
+        click.echo(json.dumps(status, indent=1, default=str))
+    else:
+        click.echo(
+            f"[{status['status_type']}] {status['message']}\nSession: {status['session_id']}"
+        )
+    if status.get("status_type") == "failed":
+        sys.exit(EXIT_FAILED)
+
+
+@remote.command("status")
+@click.argument("session_id")
+@click.pass_context
+def remote_status(ctx: click.Context, session_id: str) -> None:
+    """Print a session's status as JSON.
+
+    \b
+    Example:
+      cellpose-finetuning remote status 20261125-101500-ab12cd34
+    """
+
+    async def body(_server: Any, svc: Any) -> Any:
+        return await svc.get_training_status(session_id)
+
+    click.echo(json.dumps(_remote_run(ctx, body), indent=1, default=str))
+
+
+@remote.command("stop")
+@click.argument("session_id")
+@click.pass_context
+def remote_stop(ctx: click.Context, session_id: str) -> None:
+    """Stop a session after the current batch.
+
+    \b
+    Example:
+      cellpose-finetuning remote stop 20261125-101500-ab12cd34
+    """
+
+    async def body(_server: Any, svc: Any) -> Any:
+        return await svc.stop_training(session_id)
+
+    click.echo(_remote_run(ctx, body)["status_type"])
+
+
+@remote.command("infer")
+@click.option("--model", default="cpsam", show_default=True)
+@click.argument("images", nargs=-1, required=True, type=click.Path(exists=True, path_type=Path))
+@click.option("--out", type=click.Path(file_okay=False, path_type=Path), required=True)
+@click.option("--diameter", type=float, default=None)
+@click.pass_context
+def remote_infer(
+    ctx: click.Context, model: str, images: tuple[Path, ...], out: Path, diameter: float | None
+) -> None:
+    """Send local images to the service and write the masks as TIFF.
+
+    \b
+    Example:
+      cellpose-finetuning remote infer --model SESSION_ID img.tif --out masks/
+    """
+    from cellpose_finetuning.io.images import read_image, write_mask
+
+    arrays = [read_image(p) for p in images]
+
+    async def body(_server: Any, svc: Any) -> Any:
+        return await svc.infer(model=model, input_arrays=arrays, diameter=diameter)
+
+    for path, result in zip(images, _remote_run(ctx, body), strict=True):
+        target = write_mask(out / f"{path.name.split('.')[0]}_masks.tif", result["output"])
+        click.echo(f"{path} -> {target}")
 
 
 # --------------------------------------------------------------------------- demo

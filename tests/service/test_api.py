@@ -300,3 +300,70 @@ async def test_2500_files_are_listed_past_the_old_1000_cap(alice, running_stack,
         (running_stack.data_dir / "sessions" / started["session_id"] / "data.json").read_text()
     )
     assert data["source"]["n_available"] == 2500
+
+
+async def test_remote_cli_uploads_trains_and_infers(running_stack, dev_data, tmp_path):
+    """The CLI's remote commands drive the service through the client helper."""
+    import json
+
+    from click.testing import CliRunner
+
+    from cellpose_finetuning.cli import main
+
+    base = [
+        "remote",
+        "--server-url",
+        running_stack.server_url,
+        "--token",
+        running_stack.token("dora"),
+        "--service-id",
+        running_stack.service_id,
+    ]
+
+    def run(*args):
+        result = CliRunner().invoke(main, [*base, *args], catch_exceptions=False)
+        return result.exit_code, result.output
+
+    code, out = await asyncio.to_thread(run, "upload", str(dev_data), "--alias", "cli-data")
+    assert code == 0, out
+    import re
+
+    artifact = re.search(r"ws-user-dora/[\w.-]+", out).group(0)  # the bar shares the output
+    assert artifact == "ws-user-dora/cli-data"
+    code, out = await asyncio.to_thread(
+        run,
+        "train",
+        "--artifact",
+        artifact,
+        "--train-images",
+        "images/train/",
+        "--train-annotations",
+        "annotations/train/",
+        "--model",
+        "tiny",
+        "--n-epochs",
+        "1",
+        "--json",
+    )
+    assert code == 0, out
+    status = json.loads(out[out.index("{") :])
+    assert status["status_type"] == "completed"
+    code, out = await asyncio.to_thread(
+        run,
+        "infer",
+        "--model",
+        status["session_id"],
+        str(dev_data / "images/test/nuclei_03.tif"),
+        "--out",
+        str(tmp_path),
+    )
+    assert code == 0, out
+    assert tifffile.imread(tmp_path / "nuclei_03_masks.tif").shape == (256, 256)
+    code, out = await asyncio.to_thread(run, "status", "no-such-session")
+    assert code != 0 and "not found" in out
+
+
+async def test_positional_dict_arguments_work_like_keywords(alice, trained):
+    _, svc = alice
+    status = await svc.get_training_status({"session_id": trained[0]})
+    assert status["session_id"] == trained[0]

@@ -1,0 +1,1 @@
+"""Export trained models (:mod:`cellpose_finetuning.export.bioimageio`: BioImage.IO packages)."""

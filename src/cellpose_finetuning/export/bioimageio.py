@@ -49,7 +49,6 @@ from cellpose_finetuning.engine.models import ArchSpec, read_state_dict
 from cellpose_finetuning.engine.schemas import InferenceSettings, TrainingStatus
 from cellpose_finetuning.engine.sessions import Session
 from cellpose_finetuning.errors import CellposeFinetuningError, Conflict, InvalidInput
-from cellpose_finetuning.export._spec_compat import ensure_compatible
 
 if TYPE_CHECKING:
     import torch
@@ -61,6 +60,7 @@ __all__ = [
     "PackageResult",
     "build_package",
     "export_command_impl",
+    "run_exported_model",
     "test_package",
     "validate_package",
     "zip_package",
@@ -172,7 +172,6 @@ class PackageResult:
     parent_id: str | None
     training_dataset_id: str | None
     warnings: list[str] = field(default_factory=list)
-    zip_path: Path | None = None
 
     @property
     def rdf(self) -> Path:
@@ -183,7 +182,6 @@ class PackageResult:
         """Plain-JSON form (paths as strings)."""
         return {
             "path": str(self.path),
-            "zip_path": str(self.zip_path) if self.zip_path else None,
             "files": {k: str(v) for k, v in self.files.items()},
             "name": self.name,
             "license": self.license,
@@ -237,8 +235,6 @@ def _summary_messages(summary: Any) -> tuple[list[str], list[str]]:
 def _validate(source: str | os.PathLike[str]) -> tuple[list[str], list[str]]:
     """Load a package with the spec's IO checks; return (errors, warnings)."""
     from bioimageio.spec import load_description
-
-    ensure_compatible()
 
     path = Path(source)
     if path.is_dir():
@@ -1236,8 +1232,6 @@ def test_package(
         ``passed`` and the messages of every sub-test.
     """
     from bioimageio.core import test_model
-
-    ensure_compatible()
 
     path = Path(source)
     if path.is_dir():
