@@ -837,6 +837,35 @@ def remote_stop(ctx: click.Context, session_id: str) -> None:
     click.echo(_remote_run(ctx, body)["status_type"])
 
 
+@remote.command("export")
+@click.argument("session_id")
+@click.option("--name", "model_name", required=True, help="Artifact alias for the model.")
+@click.option("--collection", default="bioimage-io/colab-annotations", show_default=True)
+@click.option(
+    "--checkpoint", type=click.Choice(["best", "last"]), default="best", show_default=True
+)
+@click.pass_context
+def remote_export(
+    ctx: click.Context, session_id: str, model_name: str, collection: str, checkpoint: str
+) -> None:
+    """Publish one of your sessions on the service as a BioImage.IO model.
+
+    \b
+    Example:
+      cellpose-finetuning remote export 20261125-101500-ab12cd34 --name my-nuclei-v1
+    """
+
+    async def body(_server: Any, svc: Any) -> Any:
+        return await svc.export_model(
+            session_id=session_id,
+            model_name=model_name,
+            collection=collection,
+            checkpoint=checkpoint,
+        )
+
+    click.echo(json.dumps(_remote_run(ctx, body), indent=1, default=str))
+
+
 @remote.command("infer")
 @click.option("--model", default="cpsam", show_default=True)
 @click.argument("images", nargs=-1, required=True, type=click.Path(exists=True, path_type=Path))

@@ -37,6 +37,8 @@ SERVICE_USER = "cellpose-service"
 #: The embedded stack registers the service where the original lived, so the
 #: contract's ``get_service("bioimage-io/cellpose-finetuning")`` works verbatim.
 DEFAULT_WORKSPACE = "bioimage-io"
+#: ...and its default export collection, ``bioimage-io/colab-annotations``.
+DEFAULT_COLLECTION_ALIAS = "colab-annotations"
 MIN_TOKEN_LIFETIME_S = 24 * 3600
 
 
@@ -103,6 +105,27 @@ async def _workspace_connection(admin: Any, server_url: str, workspace: str) -> 
     )
 
 
+async def _ensure_collection(server: Any, alias: str) -> None:
+    """Create the default model collection of the workspace if it is missing.
+
+    Anyone may read it; logged-in users may add models (through the service,
+    which checks this again for each export).
+    """
+    am = await server.get_service("public/artifact-manager")
+    try:
+        await am.read(f"{server.config.workspace}/{alias}")
+    except Exception:
+        await am.create(
+            type="collection",
+            alias=alias,
+            manifest={
+                "name": "Cellpose fine-tuned models",
+                "description": "BioImage.IO models exported by cellpose-finetuning",
+            },
+            config={"permissions": {"*": "r", "@": "r+"}},
+        )
+
+
 async def start_service(
     server_url: str,
     token: str,
@@ -129,6 +152,8 @@ async def start_service(
     if workspace and workspace != admin.config.workspace:
         server = await _workspace_connection(admin, server_url, workspace)
     am = await admin.get_service("public/artifact-manager")
+    if workspace and server is not admin:
+        await _ensure_collection(server, DEFAULT_COLLECTION_ALIAS)
     service = CellposeService(
         ServiceConfig(data_dir=data_dir, **service_config),
         artifact_manager=am,

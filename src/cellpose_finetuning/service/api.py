@@ -19,9 +19,8 @@ from __future__ import annotations
 import asyncio
 import functools
 import logging
-import shutil
+import re
 from collections.abc import Callable
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -54,6 +53,9 @@ __all__ = ["CellposeService", "ServiceConfig"]
 
 log = logging.getLogger(__name__)
 F = TypeVar("F", bound=Callable[..., Any])
+
+#: The contract's default collection for exported models.
+DEFAULT_COLLECTION = "bioimage-io/colab-annotations"
 
 
 class ServiceConfig(BaseModel):
@@ -529,8 +531,144 @@ class CellposeService:
         self.sessions.delete(session.id, owner=caller.id)
         return {"session_id": session_id, "deleted": True}
 
-    def _now(self) -> str:
-        return datetime.now(UTC).isoformat()
+    # ------------------------------------------------------------------ export
+    async def _collection(self, collection: str, arg: str = "collection") -> dict[str, Any]:
+        collection_id = parse_artifact_id(collection, arg)
+        if self.artifacts is None:
+            raise InvalidInput(arg, "this service has no artifact store")
+        record = await self.artifacts.read(collection_id)
+        if record.get("type") != "collection":
+            raise InvalidInput(arg, f"{collection_id!r} is not a collection")
+        return record
 
-    def _remove_tree(self, path: Path) -> None:
-        shutil.rmtree(path, ignore_errors=True)
+    @api_method
+    async def export_model(
+        self,
+        session_id: str,
+        model_name: str,
+        collection: str = DEFAULT_COLLECTION,
+        checkpoint: str = "best",
+        license: str | None = None,
+        flow_threshold: float = 0.4,
+        cellprob_threshold: float = 0.0,
+        context: Any = None,
+    ) -> dict[str, Any]:
+        """Export one of your sessions as a BioImage.IO model into a collection.
+
+        Returns artifact_id, model_name, status ("exported"), artifact_url, download_url (zip)
+        and files. The package is validated with bioimageio.spec before anything is uploaded.
+        flow_threshold/cellprob_threshold are baked into the exported model.
+        """
+        import tempfile
+
+        import httpx
+
+        from cellpose_finetuning.errors import Conflict
+        from cellpose_finetuning.export.bioimageio import build_package
+        from cellpose_finetuning.service.auth import can_write_children
+
+        caller = caller_from_context(context)
+        session = self._session(session_id, caller)
+        status = session.read_status()
+        if status.status_type not in ("completed", "stopped"):
+            raise InvalidInput(
+                "session_id",
+                f"session {session.id!r} is {status.status_type}; "
+                "only completed or stopped sessions can be exported",
+            )
+        if not isinstance(model_name, str) or not re.fullmatch(
+            r"[a-z0-9][a-z0-9-]{2,62}", model_name
+        ):
+            raise InvalidInput(
+                "model_name", f"use 3-63 lowercase letters, digits and hyphens (got {model_name!r})"
+            )
+        record = await self._collection(collection)
+        if not can_write_children(caller, record):
+            raise Forbidden(f"collection {collection!r}: you may not add models to it")
+        workspace = record["workspace"]
+        alias_id = f"{workspace}/{model_name}"
+        try:
+            await self.artifacts.read(alias_id)  # type: ignore[union-attr]
+        except NotFound:
+            pass
+        else:
+            raise Conflict(f"model_name: {alias_id!r} already exists; choose another name")
+        inference = InferenceSettings(
+            flow_threshold=flow_threshold, cellprob_threshold=cellprob_threshold
+        )
+        am = self.artifacts.am  # type: ignore[union-attr]
+        with tempfile.TemporaryDirectory(prefix="cpft-export-") as tmp:
+            result = await asyncio.to_thread(
+                build_package,
+                session,
+                Path(tmp) / "pkg",
+                checkpoint=checkpoint,
+                model_name=model_name,
+                license=license,
+                inference=inference,
+                authors=[caller.id],
+            )
+            import yaml
+
+            manifest = yaml.safe_load((result.path / "rdf.yaml").read_text())
+            manifest["training_dataset_id"] = status.dataset_artifact_id
+            manifest["exported_by"] = caller.id
+            manifest["session_id"] = session.id
+            art = await am.create(
+                parent_id=record["id"],
+                alias=model_name,
+                type="model",
+                stage=True,
+                manifest=manifest,
+                config={"training_dataset_id": status.dataset_artifact_id},
+            )
+            names = sorted(p.name for p in result.path.iterdir() if p.is_file())
+            urls = await am.put_file(art["id"], file_path=names)
+            async with httpx.AsyncClient(timeout=300) as client:
+                for name in names:
+                    resp = await client.put(urls[name], content=(result.path / name).read_bytes())
+                    resp.raise_for_status()
+            await am.commit(art["id"])
+        url = f"{self.server_url}/{workspace}/artifacts/{model_name}"
+        return {
+            "artifact_id": art["id"],
+            "model_name": model_name,
+            "status": "exported",
+            "artifact_url": url,
+            "download_url": f"{url}/create-zip-file",
+            "files": names,
+        }
+
+    @api_method
+    async def list_models_by_dataset(
+        self, dataset_id: str, collection: str = DEFAULT_COLLECTION, context: Any = None
+    ) -> list[dict[str, Any]]:
+        """Models in a collection trained on a dataset: id, name, created_at, url; newest first."""
+        dataset_id = parse_artifact_id(dataset_id, "dataset_id")
+        record = await self._collection(collection)
+        am = self.artifacts.am  # type: ignore[union-attr]
+        out, offset, page = [], 0, 1000
+        while True:
+            items = await am.list(
+                record["id"],
+                filters={"manifest": {"training_dataset_id": dataset_id}},
+                offset=offset,
+                limit=page,
+                order_by="created_at>",
+            )
+            items = list(items)
+            for item in items:
+                alias = item.get("alias") or item["id"].split("/")[-1]
+                out.append(
+                    {
+                        "id": item["id"],
+                        "name": (item.get("manifest") or {}).get("name", alias),
+                        "created_at": item.get("created_at"),
+                        "url": f"{self.server_url}/{item['workspace']}/artifacts/{alias}",
+                    }
+                )
+            if len(items) < page:
+                break
+            offset += page
+        out.sort(key=lambda m: m["created_at"] or 0, reverse=True)
+        return out
