@@ -1,35 +1,94 @@
-"""Local folders as a data source: list files under a root and pair them safely."""
+"""Local folders as a data source: list the files under a root and pair them safely.
+
+Two kinds of caller. A server (and the tests) holds a data root and takes
+specs relative to it, which must never lead outside it: :func:`list_files`
+and :func:`pair_local` refuse ``..``, absolute paths and symbolic links that
+leave the root. A command-line user types ordinary paths instead
+(``/data/exp1/images/`` or ``data/masks/*_mask.tif``): :func:`split_local_spec`
+cuts such a spec at its last ``/`` into a root folder and a spec under it
+(``"./"`` for a folder, the ``*`` pattern for a pattern), and
+:func:`pair_local_specs` pairs two of them under the deepest folder they share.
+Pairing itself is :func:`cellpose_finetuning.data.pairing.pair_files`.
+"""
 
 from __future__ import annotations
 
 import os
 from pathlib import Path
 
-from cellpose_finetuning.data.pairing import Pair, is_pattern, pair_files, spec_dir
+from cellpose_finetuning.data.pairing import is_pattern, pair_files, safe_relpath, spec_dir
 from cellpose_finetuning.errors import InvalidInput
 
-__all__ = ["list_files", "pair_local", "pair_local_specs"]
+__all__ = ["list_files", "pair_local", "pair_local_specs", "split_local_spec"]
 
 
-def list_files(root: str | os.PathLike[str], spec: str, arg: str) -> list[str]:
-    """Names (relative to ``root``) of the files directly in the folder of ``spec``.
+def _inside(path: Path, root: Path) -> bool:
+    return path == root or root in path.parents
 
-    Refuses folders that resolve outside ``root`` (``..``, symlinks).
+
+def list_files(
+    root: str | os.PathLike[str],
+    spec: str,
+    arg: str,
+    *,
+    allow_links_outside: bool = False,
+) -> list[str]:
+    """Names of the files directly in the folder a spec lists, relative to ``root``.
+
+    Not recursive; sub-folders and broken links are skipped.
+
+    Parameters
+    ----------
+    root : path-like
+        The data root; nothing outside it is listed.
+    spec : str
+        A folder (``"images/train/"``) or pattern (``"images/train/*.tif"``)
+        relative to ``root``; only its folder matters here.
+    arg : str
+        The argument the spec came from, named in errors.
+    allow_links_outside : bool
+        Accept files that are symbolic links to places outside ``root``
+        (a command-line user's own data, e.g. git-annex or DataLad datasets).
+
+    Returns
+    -------
+    list of str
+        POSIX names such as ``"images/train/nuclei_00.tif"``, in no set order.
+
+    Raises
+    ------
+    InvalidInput
+        Naming ``arg``: an unsafe spec, a folder outside ``root`` (also through
+        a link), a missing folder, a file linking outside ``root``.
     """
     root = Path(root).resolve()
-    folder = (root / spec_dir(spec)).resolve()
-    if folder != root and root not in folder.parents:
-        raise InvalidInput(arg, f"{spec!r} points outside the data folder {str(root)!r}")
+    spec = safe_relpath(spec, arg)
+    rel = spec_dir(spec)
+    folder = (root / rel).resolve()
+    if not _inside(folder, root):
+        raise InvalidInput(arg, f"{spec!r} leads outside the data folder {str(root)!r}")
     if not folder.is_dir():
-        raise InvalidInput(arg, f"folder {str(folder)!r} does not exist")
-    out = []
-    for entry in os.scandir(folder):
-        if entry.is_file():
-            resolved = Path(entry.path).resolve()
-            if resolved != root and root not in resolved.parents:
-                continue  # a symlink leading out of the root is ignored
-            out.append(Path(entry.path).relative_to(root).as_posix())
-    return out
+        raise InvalidInput(arg, f"folder {rel or '.'!r} does not exist in {str(root)!r}")
+    prefix = rel + "/" if rel else ""
+    names = []
+    try:
+        entries = list(os.scandir(folder))
+    except OSError as exc:
+        raise InvalidInput(arg, f"cannot list {str(folder)!r} ({exc.strerror})") from exc
+    for entry in entries:
+        if not entry.is_file():  # follows links: folders and broken links drop out
+            continue
+        name = prefix + entry.name
+        if (
+            not allow_links_outside
+            and entry.is_symlink()
+            and not _inside(Path(entry.path).resolve(), root)
+        ):
+            raise InvalidInput(
+                arg, f"{name!r} is a link to a file outside the data folder {str(root)!r}"
+            )
+        names.append(name)
+    return names
 
 
 def pair_local(
@@ -39,13 +98,39 @@ def pair_local(
     *,
     images_arg: str = "train_images",
     annotations_arg: str = "train_annotations",
+    allow_links_outside: bool = False,
 ) -> list[tuple[Path, Path]]:
-    """Pair files under ``root`` (specs relative to it); returns absolute paths."""
+    """Pair image and mask files under a local root.
+
+    Parameters
+    ----------
+    root : path-like
+        The data root.
+    images_spec, annotations_spec : str
+        Two folders or two patterns relative to ``root`` (see
+        :func:`~cellpose_finetuning.data.pairing.pair_files`).
+    images_arg, annotations_arg : str
+        The argument names used in error messages.
+    allow_links_outside : bool
+        See :func:`list_files`.
+
+    Returns
+    -------
+    list of (pathlib.Path, pathlib.Path)
+        Absolute (image, mask) paths in natural order.
+
+    Raises
+    ------
+    InvalidInput
+        From :func:`list_files` and :func:`~cellpose_finetuning.data.pairing.pair_files`.
+    """
     root = Path(root).resolve()
-    names = list_files(root, images_spec, images_arg)
+    names = list_files(root, images_spec, images_arg, allow_links_outside=allow_links_outside)
     if spec_dir(annotations_spec) != spec_dir(images_spec):
-        names += list_files(root, annotations_spec, annotations_arg)
-    pairs: list[Pair] = pair_files(
+        names += list_files(
+            root, annotations_spec, annotations_arg, allow_links_outside=allow_links_outside
+        )
+    pairs = pair_files(
         images_spec,
         annotations_spec,
         names,
@@ -53,6 +138,58 @@ def pair_local(
         annotations_arg=annotations_arg,
     )
     return [(root / p.image, root / p.annotation) for p in pairs]
+
+
+def split_local_spec(spec: str, arg: str = "spec") -> tuple[Path, str]:
+    """Cut a local folder or pattern path into (root folder, spec under it).
+
+    Parameters
+    ----------
+    spec : str
+        A folder ending in ``/`` or a pattern with one ``*`` in its file
+        name, absolute or relative to the working directory.
+    arg : str
+        The argument (command-line option) it came from, named in errors.
+
+    Returns
+    -------
+    (pathlib.Path, str)
+        The folder as given (not resolved) and ``"./"`` for the folder form or
+        the file-name pattern for the pattern form.
+
+    Raises
+    ------
+    InvalidInput
+        Neither form (with a hint when it is a folder missing its ``/``), or a
+        ``*`` outside the file name.
+
+    Examples
+    --------
+    >>> split_local_spec("/data/exp1/images/")
+    (PosixPath('/data/exp1/images'), './')
+    >>> split_local_spec("masks/*_mask.tif")
+    (PosixPath('masks'), '*_mask.tif')
+    """
+    if not isinstance(spec, str) or not spec or "\x00" in spec:
+        raise InvalidInput(arg, "must be a non-empty path")
+    cut = max(spec.rfind("/"), spec.rfind(os.sep))
+    head, tail = (spec[:cut], spec[cut + 1 :]) if cut >= 0 else ("", spec)
+    folder = Path(head or "/") if cut >= 0 else Path(".")
+    if is_pattern(spec):
+        if is_pattern(head) or tail.count("*") != 1:
+            raise InvalidInput(
+                arg, f"{spec!r}: a pattern needs exactly one '*', in the file-name part"
+            )
+        return folder, tail
+    if not tail:
+        return folder, "./"
+    if Path(spec).is_dir():
+        raise InvalidInput(arg, f"{spec!r} is a folder: end a folder with '/' ({spec + '/'!r})")
+    raise InvalidInput(
+        arg,
+        f"{spec!r} is neither a folder ending in '/' nor a pattern with one '*' "
+        "(e.g. 'data/images/' or 'data/masks/*_mask.tif')",
+    )
 
 
 def pair_local_specs(
@@ -64,36 +201,47 @@ def pair_local_specs(
 ) -> list[tuple[Path, Path]]:
     """Pair command-line specs given as ordinary local paths.
 
-    ``images`` and ``annotations`` are folders ending in ``/`` or patterns
-    like ``data/imgs/*.tif``, absolute or relative to the working directory.
-    Their deepest common folder becomes the root they are paired under.
+    Each spec is split with :func:`split_local_spec`; the two folders'
+    deepest common folder becomes the root they are paired under. Files that
+    are links to elsewhere are accepted: the user reads their own data.
+
+    Parameters
+    ----------
+    images, annotations : str
+        Two folders ending in ``/`` or two patterns such as
+        ``data/imgs/*.tif``, absolute or relative to the working directory.
+    images_arg, annotations_arg : str
+        The option names used in error messages.
+
+    Returns
+    -------
+    list of (pathlib.Path, pathlib.Path)
+        Absolute (image, mask) paths in natural order.
+
+    Raises
+    ------
+    InvalidInput
+        Naming the option: malformed spec, missing folder, or any pairing error.
     """
-    for spec, arg in ((images, images_arg), (annotations, annotations_arg)):
-        if not spec.endswith("/") and not is_pattern(spec):
-            if Path(spec).is_dir():
-                raise InvalidInput(arg, f"{spec!r}: end a folder with '/' (e.g. {spec + '/'!r})")
-            raise InvalidInput(
-                arg, f"{spec!r} is neither a folder ending in '/' nor a pattern with '*'"
-            )
-    img_dir = Path(spec_dir(images) or ".").resolve()
-    ann_dir = Path(spec_dir(annotations) or ".").resolve()
-    for folder, _spec, arg in (
-        (img_dir, images, images_arg),
-        (ann_dir, annotations, annotations_arg),
-    ):
+    folders = []
+    specs = []
+    for value, arg in ((images, images_arg), (annotations, annotations_arg)):
+        folder, spec = split_local_spec(value, arg)
         if not folder.is_dir():
             raise InvalidInput(arg, f"folder {str(folder)!r} does not exist")
-    root = Path(os.path.commonpath([img_dir, ann_dir]))
+        folders.append(folder.resolve())
+        specs.append(spec)
+    root = Path(os.path.commonpath(folders))
 
-    def rel(folder: Path, spec: str) -> str:
+    def under(folder: Path, spec: str) -> str:
         sub = folder.relative_to(root).as_posix()
-        sub = "" if sub == "." else sub + "/"
-        return sub + (spec.rpartition("/")[2] if is_pattern(spec) else "")
+        return spec if sub == "." else f"{sub}/{spec}"
 
     return pair_local(
         root,
-        rel(img_dir, images) or "./",
-        rel(ann_dir, annotations) or "./",
+        under(folders[0], specs[0]),
+        under(folders[1], specs[1]),
         images_arg=images_arg,
         annotations_arg=annotations_arg,
+        allow_links_outside=True,
     )

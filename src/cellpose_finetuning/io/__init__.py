@@ -1,6 +1,8 @@
-"""Reading images and masks (see :mod:`cellpose_finetuning.io.images`)."""
+"""Reading and writing images and masks (see :mod:`cellpose_finetuning.io.images`)."""
 
 from cellpose_finetuning.io.images import (
+    CHANNEL_AXIS_RULE,
+    DEFAULT_MAX_PIXELS,
     SUPPORTED_IMAGE_SUFFIXES,
     infer_axes,
     is_image_file,
@@ -8,10 +10,13 @@ from cellpose_finetuning.io.images import (
     read_mask,
     to_canonical,
     validate_mask,
+    write_image,
     write_mask,
 )
 
 __all__ = [
+    "CHANNEL_AXIS_RULE",
+    "DEFAULT_MAX_PIXELS",
     "SUPPORTED_IMAGE_SUFFIXES",
     "infer_axes",
     "is_image_file",
@@ -19,5 +24,6 @@ __all__ = [
     "read_mask",
     "to_canonical",
     "validate_mask",
+    "write_image",
     "write_mask",
 ]

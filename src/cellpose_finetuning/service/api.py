@@ -28,7 +28,7 @@ import numpy as np
 from pydantic import BaseModel, Field, ValidationError
 
 from cellpose_finetuning.data.artifacts import ArtifactFiles, parse_artifact_id
-from cellpose_finetuning.data.pairing import pair_files, safe_relpath
+from cellpose_finetuning.data.pairing import check_specs, pair_files, safe_relpath
 from cellpose_finetuning.engine.inference import ModelCache, ModelResolver, segment
 from cellpose_finetuning.engine.queue import TrainingQueue
 from cellpose_finetuning.engine.runs import (
@@ -395,7 +395,14 @@ class CellposeService:
         for arg, spec in specs.items():
             if not isinstance(spec, str):
                 raise InvalidInput(arg, "must be a string")
-            safe_relpath(spec, arg)
+        check_specs(train_images, train_annotations)
+        if test_images is not None and test_annotations is not None:
+            check_specs(
+                test_images,
+                test_annotations,
+                images_arg="test_images",
+                annotations_arg="test_annotations",
+            )
         artifact_id = await self._readable_artifact(artifact, caller)
         session = self.sessions.create(
             settings,
