@@ -519,6 +519,41 @@ def infer(
     help="Also run bioimageio.core's model test on the package.",
 )
 @click.option("--overwrite", is_flag=True, help="Replace an existing output.")
+@click.option(
+    "--flow-threshold",
+    type=float,
+    default=0.4,
+    show_default=True,
+    help="Baked into the exported model.",
+)
+@click.option(
+    "--cellprob-threshold",
+    type=float,
+    default=0.0,
+    show_default=True,
+    help="Baked into the exported model.",
+)
+@click.option(
+    "--publish",
+    "publish",
+    default=None,
+    metavar="COLLECTION",
+    help="Also upload the package to this collection (e.g. "
+    "bioimage-io/colab-annotations) with your own token.",
+)
+@click.option("--alias", default=None, help="Artifact alias when publishing (default: name).")
+@click.option(
+    "--server-url",
+    envvar="HYPHA_SERVER_URL",
+    default=None,
+    help="Server for --publish (default $HYPHA_SERVER_URL).",
+)
+@click.option(
+    "--token",
+    envvar="HYPHA_TOKEN",
+    default=None,
+    help="Token for --publish (default $HYPHA_TOKEN).",
+)
 @_friendly_errors
 def export(
     session_dir: Path,
@@ -528,19 +563,80 @@ def export(
     license_: str | None,
     run_test: bool,
     overwrite: bool,
+    flow_threshold: float,
+    cellprob_threshold: float,
+    publish: str | None,
+    alias: str | None,
+    server_url: str | None,
+    token: str | None,
 ) -> None:
     """Write a validated BioImage.IO model package of a finished or stopped session.
 
     \b
-    Example:
+    Examples:
       cellpose-finetuning export runs/first --out my-model.zip --test
+      HYPHA_SERVER_URL=http://127.0.0.1:9527 HYPHA_TOKEN=... cellpose-finetuning export \\
+          runs/first --out my-model.zip --publish bioimage-io/colab-annotations --alias my-model
     """
+    from cellpose_finetuning.engine.schemas import InferenceSettings
     from cellpose_finetuning.export.bioimageio import export_command_impl
 
-    report = export_command_impl(
-        session_dir, out, checkpoint, name, license_, run_test=run_test, overwrite=overwrite
+    inference = InferenceSettings(
+        flow_threshold=flow_threshold, cellprob_threshold=cellprob_threshold
     )
+    report = export_command_impl(
+        session_dir,
+        out,
+        checkpoint,
+        name,
+        license_,
+        inference=inference,
+        run_test=run_test,
+        overwrite=overwrite,
+    )
+    if publish:
+        report["published"] = _publish(
+            report, session_dir, publish, alias or name, server_url, token
+        )
     click.echo(json.dumps(report, indent=1, default=str))
+
+
+def _publish(
+    report: dict[str, Any],
+    session_dir: Path,
+    collection: str,
+    alias: str | None,
+    server_url: str | None,
+    token: str | None,
+) -> dict[str, Any]:
+    """Upload a locally built package with the user's own credentials."""
+    import asyncio
+
+    from cellpose_finetuning.client import connect, publish_package
+    from cellpose_finetuning.engine.sessions import Session
+
+    if not server_url:
+        raise click.UsageError("--publish needs --server-url (or HYPHA_SERVER_URL)")
+    dataset = Session(session_dir).data.dataset_artifact_id
+    alias = (alias or Path(session_dir).name).lower().replace(" ", "-")
+
+    async def go() -> dict[str, Any]:
+        server, _ = await connect(server_url, token=token)
+        try:
+            return await publish_package(
+                server,
+                Path(report["path"]),
+                collection=collection,
+                alias=alias,
+                training_dataset_id=dataset,
+            )
+        finally:
+            await server.disconnect()
+
+    try:
+        return asyncio.run(go())
+    except Exception as exc:
+        raise click.ClickException(_remote_message(exc)) from None
 
 
 # --------------------------------------------------------------------------- service

@@ -22,7 +22,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-__all__ = ["connect", "follow", "infer", "train", "upload_folder"]
+__all__ = ["connect", "follow", "infer", "publish_package", "train", "upload_folder"]
 
 TERMINAL = ("completed", "failed", "stopped")
 
@@ -148,3 +148,52 @@ async def infer(svc: Any, images: list[Any], **kwargs: Any) -> list[Any]:
     """Segment numpy arrays; returns the label images."""
     result = await svc.infer(input_arrays=list(images), **kwargs)
     return [r["output"] for r in result]
+
+
+async def publish_package(
+    server: Any,
+    package_dir: str | os.PathLike[str],
+    *,
+    collection: str,
+    alias: str,
+    training_dataset_id: str | None = None,
+) -> dict[str, Any]:
+    """Upload a built BioImage.IO package folder as a model artifact in ``collection``.
+
+    Uses the caller's own connection (and so their permissions). Returns the
+    keys ``export_model`` returns.
+    """
+    import httpx
+    import yaml
+
+    package_dir = Path(package_dir)
+    manifest = yaml.safe_load((package_dir / "rdf.yaml").read_text())
+    if training_dataset_id:
+        manifest["training_dataset_id"] = training_dataset_id
+    am = await server.get_service("public/artifact-manager")
+    coll = await am.read(collection)
+    art = await am.create(
+        parent_id=coll["id"],
+        alias=alias,
+        type="model",
+        stage=True,
+        manifest=manifest,
+        config={"training_dataset_id": training_dataset_id} if training_dataset_id else {},
+    )
+    names = sorted(p.name for p in package_dir.iterdir() if p.is_file())
+    urls = await am.put_file(art["id"], file_path=names)
+    async with httpx.AsyncClient(timeout=300) as client:
+        for name in names:
+            resp = await client.put(urls[name], content=(package_dir / name).read_bytes())
+            resp.raise_for_status()
+    await am.commit(art["id"])
+    base = str(server.config.public_base_url).rstrip("/")
+    url = f"{base}/{coll['workspace']}/artifacts/{alias}"
+    return {
+        "artifact_id": art["id"],
+        "model_name": alias,
+        "status": "exported",
+        "artifact_url": url,
+        "download_url": f"{url}/create-zip-file",
+        "files": names,
+    }

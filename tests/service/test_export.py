@@ -132,3 +132,51 @@ async def test_another_user_cannot_export_your_session(running_stack, sessions):
             await svc.export_model(session_id=sessions["a"][1], model_name="stolen-model")
     finally:
         await server.disconnect()
+
+
+async def test_cli_export_publishes_a_local_session(
+    running_stack, tiny_model, train_pairs, test_pairs, tmp_path
+):
+    """export --publish: built and validated locally, uploaded with the user's own token."""
+    import json
+
+    from click.testing import CliRunner
+
+    from cellpose_finetuning.cli import main
+    from cellpose_finetuning.engine.runs import create_local_session
+    from cellpose_finetuning.engine.training import run_training
+
+    session = create_local_session(
+        out=tmp_path / "local",
+        train_pairs=train_pairs,
+        test_pairs=test_pairs,
+        settings={"model": str(tiny_model), "n_epochs": 1},
+    )
+    await asyncio.to_thread(run_training, session)
+    args = [
+        "export",
+        str(session.path),
+        "--out",
+        str(tmp_path / "pkg.zip"),
+        "--flow-threshold",
+        "0",
+        "--cellprob-threshold",
+        "-3",
+        "--publish",
+        "bioimage-io/colab-annotations",
+        "--alias",
+        "local-published",
+        "--server-url",
+        running_stack.server_url,
+        "--token",
+        running_stack.token("erin"),
+    ]
+    result = await asyncio.to_thread(CliRunner().invoke, main, args, catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.output[result.output.index("{") :])
+    assert report["published"]["artifact_id"] == "bioimage-io/local-published"
+    async with httpx.AsyncClient(timeout=120, follow_redirects=True) as client:
+        resp = await client.get(report["published"]["download_url"])
+    path = tmp_path / "downloaded.zip"
+    path.write_bytes(resp.content)
+    assert validate_package(path) == []
