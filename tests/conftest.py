@@ -69,3 +69,22 @@ def wait_until(predicate, timeout: float = 120.0, interval: float = 0.1):
             return value
         time.sleep(interval)
     raise TimeoutError(f"condition not met within {timeout} s")
+
+
+def forge_tiff_size(path, height: int, width: int) -> None:
+    """Rewrite a small TIFF's header so that it declares ``height x width`` pixels.
+
+    Gives a few-hundred-byte file that claims gigabytes, to test that readers
+    refuse it from the header without reading or allocating the pixels.
+    """
+    import struct
+
+    import tifffile
+
+    with tifffile.TiffFile(path) as tif:
+        tags = tif.pages[0].tags
+        fields = [(tags[n].valueoffset, int(tags[n].dtype)) for n in ("ImageLength", "ImageWidth")]
+    data = bytearray(path.read_bytes())
+    for (offset, dtype), value in zip(fields, (height, width), strict=True):
+        struct.pack_into("<H" if dtype == 3 else "<I", data, offset, value)
+    path.write_bytes(bytes(data))

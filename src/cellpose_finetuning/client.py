@@ -22,6 +22,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from cellpose_finetuning.data.artifacts import upload_files
+
 __all__ = ["connect", "follow", "infer", "publish_package", "train", "upload_folder"]
 
 TERMINAL = ("completed", "failed", "stopped")
@@ -76,8 +78,6 @@ async def upload_folder(
     Presigned upload URLs are asked for in batches of 500 and files are sent
     concurrently. The artifact is private unless ``public``.
     """
-    import httpx
-
     folder = Path(folder)
     files = sorted(p for p in folder.rglob("*") if p.is_file())
     if not files:
@@ -91,26 +91,13 @@ async def upload_folder(
         manifest={"name": name or alias, "description": f"Uploaded from {folder.name}"},
         config=config,
     )
-    rel = [p.relative_to(folder).as_posix() for p in files]
-    urls: dict[str, str] = {}
-    for i in range(0, len(rel), 500):
-        got = await am.put_file(ds["id"], file_path=rel[i : i + 500])
-        urls.update(got)
-    sem = asyncio.Semaphore(concurrency)
-    done = 0
-    async with httpx.AsyncClient(timeout=120) as client:
-
-        async def send(path: Path, key: str) -> None:
-            nonlocal done
-            async with sem:
-                resp = await client.put(urls[key], content=path.read_bytes())
-                resp.raise_for_status()
-            done += 1
-            if progress:
-                progress(done, len(rel))
-
-        await asyncio.gather(*(send(p, k) for p, k in zip(files, rel, strict=True)))
-    await am.commit(ds["id"])
+    await upload_files(
+        am,
+        ds["id"],
+        {p.relative_to(folder).as_posix(): p for p in files},
+        concurrency=concurrency,
+        progress=progress,
+    )
     return ds["id"]
 
 
@@ -163,7 +150,6 @@ async def publish_package(
     Uses the caller's own connection (and so their permissions). Returns the
     keys ``export_model`` returns.
     """
-    import httpx
     import yaml
 
     package_dir = Path(package_dir)
@@ -180,13 +166,9 @@ async def publish_package(
         manifest=manifest,
         config={"training_dataset_id": training_dataset_id} if training_dataset_id else {},
     )
-    names = sorted(p.name for p in package_dir.iterdir() if p.is_file())
-    urls = await am.put_file(art["id"], file_path=names)
-    async with httpx.AsyncClient(timeout=300) as client:
-        for name in names:
-            resp = await client.put(urls[name], content=(package_dir / name).read_bytes())
-            resp.raise_for_status()
-    await am.commit(art["id"])
+    names = await upload_files(
+        am, art["id"], {p.name: p for p in package_dir.iterdir() if p.is_file()}
+    )
     base = str(server.config.public_base_url).rstrip("/")
     url = f"{base}/{coll['workspace']}/artifacts/{alias}"
     return {

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import struct
-
 import numpy as np
 import pytest
 import tifffile
@@ -21,6 +19,7 @@ from cellpose_finetuning.io.images import (
     write_image,
     write_mask,
 )
+from tests.conftest import forge_tiff_size
 
 RNG = np.random.default_rng(0)
 
@@ -460,21 +459,10 @@ def test_truncated_png_is_named(tmp_path):
         read_image(tmp_path / "cut.png")
 
 
-def _forge_tiff_size(path, height: int, width: int) -> None:
-    """Rewrite a small TIFF's header so that it declares ``height x width`` pixels."""
-    with tifffile.TiffFile(path) as tif:
-        tags = tif.pages[0].tags
-        fields = [(tags[n].valueoffset, int(tags[n].dtype)) for n in ("ImageLength", "ImageWidth")]
-    data = bytearray(path.read_bytes())
-    for (offset, dtype), value in zip(fields, (height, width), strict=True):
-        struct.pack_into("<H" if dtype == 3 else "<I", data, offset, value)
-    path.write_bytes(bytes(data))
-
-
 def test_huge_declared_tiff_is_refused_before_reading(tmp_path, monkeypatch):
     path = tmp_path / "huge.tif"
     tifffile.imwrite(path, np.zeros((10, 10), "uint8"), metadata=None)
-    _forge_tiff_size(path, 60_000, 60_000)  # 3.6e9 pixels declared in a 300-byte file
+    forge_tiff_size(path, 60_000, 60_000)  # 3.6e9 pixels declared in a 300-byte file
 
     def no_reading(*args, **kwargs):
         raise AssertionError("pixel data was read")

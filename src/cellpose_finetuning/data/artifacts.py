@@ -22,7 +22,7 @@ from urllib.parse import urlparse
 from cellpose_finetuning.data.pairing import safe_relpath, spec_dir
 from cellpose_finetuning.errors import Forbidden, InvalidInput, NotFound
 
-__all__ = ["ArtifactFiles", "parse_artifact_id"]
+__all__ = ["ArtifactFiles", "parse_artifact_id", "upload_files"]
 
 _ALIAS = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
 PAGE = 1000
@@ -206,3 +206,67 @@ class ArtifactFiles:
 
             await asyncio.gather(*(fetch(p) for p in todo))
         return local
+
+
+async def upload_files(
+    artifact_manager: Any,
+    artifact_id: str,
+    files: dict[str, Path],
+    *,
+    concurrency: int = 16,
+    progress: Callable[[int, int], Any] | None = None,
+    commit: bool = True,
+) -> list[str]:
+    """Upload local files into a staged artifact and commit it.
+
+    Presigned PUT URLs are asked for in batches of 500 (one ``put_file`` call
+    per file is slow and locks SQLite under concurrency), then the files are
+    sent concurrently.
+
+    Parameters
+    ----------
+    artifact_manager : Any
+        hypha-rpc proxy of ``public/artifact-manager``.
+    artifact_id : str
+        A staged artifact.
+    files : dict
+        Path inside the artifact -> local file.
+    concurrency : int
+        Parallel uploads.
+    progress : callable, optional
+        Called with (done, total).
+    commit : bool
+        Commit the artifact afterwards.
+
+    Returns
+    -------
+    list of str
+        The uploaded paths, sorted.
+    """
+    import httpx
+
+    names = sorted(files)
+    urls: dict[str, str] = {}
+    for i in range(0, len(names), URL_BATCH):
+        batch = names[i : i + URL_BATCH]
+        got = await artifact_manager.put_file(artifact_id, file_path=batch)
+        urls.update(got if isinstance(got, dict) else dict(zip(batch, [got], strict=False)))
+    sem = asyncio.Semaphore(concurrency)
+    done = 0
+    transport = httpx.AsyncHTTPTransport(retries=3)
+    async with httpx.AsyncClient(transport=transport, timeout=300) as client:
+
+        async def send(name: str) -> None:
+            nonlocal done
+            async with sem:
+                resp = await client.put(urls[name], content=files[name].read_bytes())
+                if resp.status_code >= 400:
+                    raise InvalidInput(name, f"upload failed with HTTP {resp.status_code}")
+            done += 1
+            if progress:
+                progress(done, len(names))
+
+        await asyncio.gather(*(send(n) for n in names))
+    if commit:
+        await artifact_manager.commit(artifact_id)
+    return names

@@ -7,13 +7,13 @@ download): both hand over local image/mask file pairs.
 from __future__ import annotations
 
 import os
-import random
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 from pydantic import ValidationError
 
+from cellpose_finetuning.data.pairing import select_samples
 from cellpose_finetuning.engine.models import PRETRAINED_MODELS
 from cellpose_finetuning.engine.schemas import TrainingSettings
 from cellpose_finetuning.engine.sessions import DataSpec, Session, SessionStore
@@ -22,7 +22,6 @@ from cellpose_finetuning.errors import InvalidInput
 __all__ = [
     "create_local_session",
     "resolve_base_model",
-    "select_pairs",
     "validate_settings",
     "validation_error_message",
 ]
@@ -81,15 +80,6 @@ def resolve_base_model(model: str) -> str:
     )
 
 
-def select_pairs(pairs: Sequence[Any], n_samples: int | None, seed: int) -> list[Any]:
-    """A reproducible random subset of ``n_samples`` pairs, in their original order."""
-    pairs = list(pairs)
-    if n_samples is None or n_samples >= len(pairs):
-        return pairs
-    keep = sorted(random.Random(seed).sample(range(len(pairs)), n_samples))
-    return [pairs[i] for i in keep]
-
-
 def _as_str_pairs(pairs: Sequence[Any]) -> list[tuple[str, str]]:
     out = []
     for pair in pairs:
@@ -136,7 +126,7 @@ def create_local_session(
         raise InvalidInput("train_images", "no training image/mask pairs")
     ts = validate_settings(settings, has_test_data=bool(test_pairs))
     ts = ts.model_copy(update={"model": resolve_base_model(ts.model)})
-    chosen = select_pairs(train_pairs, ts.n_samples, ts.seed)
+    chosen = select_samples(train_pairs, ts.n_samples, ts.seed)
     data = DataSpec(
         train=_as_str_pairs(chosen),
         test=_as_str_pairs(test_pairs),

@@ -27,12 +27,11 @@ from typing import Any, TypeVar
 import numpy as np
 from pydantic import BaseModel, Field, ValidationError
 
-from cellpose_finetuning.data.artifacts import ArtifactFiles, parse_artifact_id
-from cellpose_finetuning.data.pairing import check_specs, pair_files, safe_relpath
+from cellpose_finetuning.data.artifacts import ArtifactFiles, parse_artifact_id, upload_files
+from cellpose_finetuning.data.pairing import check_specs, pair_files, safe_relpath, select_samples
 from cellpose_finetuning.engine.inference import ModelCache, ModelResolver, segment
 from cellpose_finetuning.engine.queue import TrainingQueue
 from cellpose_finetuning.engine.runs import (
-    select_pairs,
     validate_settings,
     validation_error_message,
 )
@@ -436,7 +435,7 @@ class CellposeService:
                     annotations_arg="test_annotations",
                 )
             settings = session.settings
-            train = select_pairs(train, settings.n_samples, settings.seed)
+            train = select_samples(train, settings.n_samples, settings.seed)
             wanted = [p for pair in (*train, *test) for p in (pair.image, pair.annotation)]
 
             def progress(done: int, total: int) -> None:
@@ -568,8 +567,6 @@ class CellposeService:
         """
         import tempfile
 
-        import httpx
-
         from cellpose_finetuning.errors import Conflict
         from cellpose_finetuning.export.bioimageio import build_package
         from cellpose_finetuning.service.auth import can_write_children
@@ -629,13 +626,9 @@ class CellposeService:
                 manifest=manifest,
                 config={"training_dataset_id": status.dataset_artifact_id},
             )
-            names = sorted(p.name for p in result.path.iterdir() if p.is_file())
-            urls = await am.put_file(art["id"], file_path=names)
-            async with httpx.AsyncClient(timeout=300) as client:
-                for name in names:
-                    resp = await client.put(urls[name], content=(result.path / name).read_bytes())
-                    resp.raise_for_status()
-            await am.commit(art["id"])
+            names = await upload_files(
+                am, art["id"], {p.name: p for p in result.path.iterdir() if p.is_file()}
+            )
         url = f"{self.server_url}/{workspace}/artifacts/{model_name}"
         return {
             "artifact_id": art["id"],
