@@ -263,3 +263,34 @@ def test_n_samples_picks_a_reproducible_subset(tmp_path, tiny_model, train_pairs
         settings=dict(model=str(tiny_model), n_samples=3, seed=7),
     )
     assert len(a.data.train) == 3 and a.data.train == b.data.train
+
+
+def test_disk_full_while_checkpointing_keeps_the_previous_checkpoint(
+    tmp_path, tiny_model, train_pairs, monkeypatch
+):
+    """A failed write leaves the last good checkpoint loadable and the session failed."""
+    import errno
+
+    from cellpose_finetuning.engine.models import load_network
+    from cellpose_finetuning.engine.training import worker_main
+
+    session = _session(
+        tmp_path, train_pairs, model=str(tiny_model), n_epochs=5, checkpoint_interval_s=0
+    )
+    real_save = torch.save
+    calls = {"n": 0}
+
+    def failing_save(obj, f, *args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] > 4:  # two epochs saved (weights + optimizer each), then the disk is full
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real_save(obj, f, *args, **kwargs)
+
+    monkeypatch.setattr(torch, "save", failing_save)
+    worker_main(str(session.path))
+    status = session.read_status()
+    assert status.status_type == "failed"
+    assert "No space left on device" in status.message
+    net, _ = load_network(session.weights("last"))  # the epoch-2 checkpoint, intact
+    assert net is not None
+    assert not list(session.path.glob("weights/.*tmp*"))  # no half-written files left

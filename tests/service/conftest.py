@@ -14,10 +14,14 @@ from cellpose_finetuning.deploy.stack import EmbeddedStack, StackConfig, port_is
 
 
 def free_ports(n: int) -> list[int]:
-    """``n`` ports that are free, each with port + 10000 free too (SeaweedFS gRPC)."""
+    """``n`` ports that are free, each with port + 10000 free too (SeaweedFS gRPC).
+
+    Both stay below Linux's ephemeral range (32768+), so an outgoing connection
+    cannot take a chosen port between this check and the server's bind.
+    """
     ports: list[int] = []
     while len(ports) < n:
-        p = random.randint(20000, 40000)
+        p = random.randint(11000, 22000)
         if p not in ports and port_is_free(p) and port_is_free(p + 10000):
             ports.append(p)
     return ports

@@ -81,3 +81,72 @@ async def test_completed_session_and_dataset_survive_a_restart(tmp_path, tiny_mo
     finally:
         stop.set()
         await asyncio.wait_for(task, 120)
+
+
+@pytest.mark.slow
+async def test_restart_during_a_training_run_loses_nothing(tmp_path, tiny_model, dev_data):
+    """Stopping the service mid-run leaves a stopped (or failed) session that continues."""
+    from hypha_rpc import connect_to_server
+
+    ports = free_ports(5)
+    from cellpose_finetuning.deploy.stack import StackConfig
+
+    config = StackConfig(
+        data_dir=tmp_path / "stack",
+        hypha_port=ports[0],
+        s3_port=ports[1],
+        weed_master_port=ports[2],
+        weed_volume_port=ports[3],
+        weed_filer_port=ports[4],
+    )
+    (config.data_dir / "models").mkdir(parents=True)
+    shutil.copy(tiny_model, config.data_dir / "models" / "tiny.pth")
+
+    task, stop, conn = await _start(config, tiny_model)
+    try:
+        server = await connect_to_server({"server_url": conn["server_url"], "token": conn["token"]})
+        svc = await server.get_service(conn["service_id"])
+        ds = await upload_folder(server, dev_data, alias="dev")
+        done = await svc.start_training(
+            artifact=ds,
+            train_images="images/train/",
+            train_annotations="annotations/train/",
+            model="tiny",
+            n_epochs=1,
+        )
+        done_status = await follow(svc, done["session_id"], interval=0.3, show_progress=False)
+        running = await svc.start_training(
+            artifact=ds,
+            train_images="images/train/",
+            train_annotations="annotations/train/",
+            model="tiny",
+            n_epochs=500,
+        )
+        sid = running["session_id"]
+        while ((await svc.get_training_status(sid)).get("current_epoch") or 0) < 1:
+            await asyncio.sleep(0.2)
+        await server.disconnect()
+    finally:
+        stop.set()
+        await asyncio.wait_for(task, 180)
+
+    task, stop, conn = await _start(config, tiny_model)
+    try:
+        server = await connect_to_server({"server_url": conn["server_url"], "token": conn["token"]})
+        svc = await server.get_service(conn["service_id"])
+        assert await svc.get_training_status(done["session_id"]) == {
+            **done_status,
+            "updated_at": (await svc.get_training_status(done["session_id"]))["updated_at"],
+        }
+        interrupted = await svc.get_training_status(sid)
+        assert interrupted["status_type"] in ("stopped", "failed")
+        epochs = len(interrupted["train_losses"])
+        assert epochs >= 1
+        await svc.restart_training(sid, n_epochs=1)
+        final = await follow(svc, sid, interval=0.3, show_progress=False)
+        assert final["status_type"] == "completed"
+        assert len(final["train_losses"]) == epochs + 1
+        await server.disconnect()
+    finally:
+        stop.set()
+        await asyncio.wait_for(task, 180)
