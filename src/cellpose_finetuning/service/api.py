@@ -36,7 +36,12 @@ from cellpose_finetuning.engine.runs import (
     validation_error_message,
 )
 from cellpose_finetuning.engine.schemas import TERMINAL_STATES, InferenceSettings, TrainingSettings
-from cellpose_finetuning.engine.sessions import DataSpec, Session, SessionStore
+from cellpose_finetuning.engine.sessions import (
+    DataSpec,
+    Session,
+    SessionStore,
+    atomic_write_json,
+)
 from cellpose_finetuning.engine.training import continue_session
 from cellpose_finetuning.errors import (
     CellposeFinetuningError,
@@ -452,13 +457,12 @@ class CellposeService:
                 dataset_artifact_id=artifact_id,
                 source={**specs, "n_available": len(names)},
             )
-            from cellpose_finetuning.engine.sessions import atomic_write_json
-
             atomic_write_json(session.path / "data.json", data.to_json())
             session.update_status(n_train=len(train), n_test=len(test))
             self.queue.submit(session)
         except asyncio.CancelledError:
-            session.update_status(status_type="failed", message="Preparation cancelled")
+            # Only stop_training and shutdown cancel this task.
+            session.update_status(status_type="stopped", message="Stopped before training started")
             raise
         except Exception as exc:
             message = (
