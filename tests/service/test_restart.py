@@ -27,10 +27,9 @@ async def _start(config, tiny_model):
     return task, stop, read_connection_file(config.data_dir)
 
 
-async def test_completed_session_and_dataset_survive_a_restart(tmp_path, tiny_model, dev_data):
-    from hypha_rpc import connect_to_server
-
-    from cellpose_finetuning.deploy.stack import EmbeddedStack, StackConfig
+def _fresh_config(tmp_path, tiny_model):
+    """A stack configuration on free ports, in its own folder, offering the tiny model."""
+    from cellpose_finetuning.deploy.stack import StackConfig
 
     ports = free_ports(5)
     config = StackConfig(
@@ -43,13 +42,30 @@ async def test_completed_session_and_dataset_survive_a_restart(tmp_path, tiny_mo
     )
     (config.data_dir / "models").mkdir(parents=True)
     shutil.copy(tiny_model, config.data_dir / "models" / "tiny.pth")
+    return config
+
+
+async def _service(conn, token=None):
+    """Connect with the stack's printed token (or ``token``) and get the service."""
+    from hypha_rpc import connect_to_server
+
+    server = await connect_to_server(
+        {"server_url": conn["server_url"], "token": token or conn["token"]}
+    )
+    return server, await server.get_service(conn["service_id"])
+
+
+async def test_completed_session_and_dataset_survive_a_restart(tmp_path, tiny_model, dev_data):
+
+    from cellpose_finetuning.deploy.stack import EmbeddedStack, StackConfig
+
+    config = _fresh_config(tmp_path, tiny_model)
     token = None
 
     task, stop, conn = await _start(config, tiny_model)
     try:
         token = conn["token"]
-        server = await connect_to_server({"server_url": conn["server_url"], "token": token})
-        svc = await server.get_service(conn["service_id"])
+        server, svc = await _service(conn, token)
         dataset = await upload_folder(server, dev_data / "images" / "test", alias="keep-me")
         started = await svc.start_training(
             artifact=await upload_folder(server, dev_data, alias="dev"),
@@ -68,8 +84,7 @@ async def test_completed_session_and_dataset_survive_a_restart(tmp_path, tiny_mo
     task, stop, conn = await _start(config, tiny_model)
     try:
         token = EmbeddedStack(StackConfig(data_dir=config.data_dir)).token("carol")
-        server = await connect_to_server({"server_url": conn["server_url"], "token": token})
-        svc = await server.get_service(conn["service_id"])
+        server, svc = await _service(conn, token)
         after = await svc.get_training_status(started["session_id"])
         assert after["status_type"] == "completed"
         assert after["train_losses"] == before["train_losses"]
@@ -86,26 +101,12 @@ async def test_completed_session_and_dataset_survive_a_restart(tmp_path, tiny_mo
 @pytest.mark.slow
 async def test_restart_during_a_training_run_loses_nothing(tmp_path, tiny_model, dev_data):
     """Stopping the service mid-run leaves a stopped (or failed) session that continues."""
-    from hypha_rpc import connect_to_server
 
-    ports = free_ports(5)
-    from cellpose_finetuning.deploy.stack import StackConfig
-
-    config = StackConfig(
-        data_dir=tmp_path / "stack",
-        hypha_port=ports[0],
-        s3_port=ports[1],
-        weed_master_port=ports[2],
-        weed_volume_port=ports[3],
-        weed_filer_port=ports[4],
-    )
-    (config.data_dir / "models").mkdir(parents=True)
-    shutil.copy(tiny_model, config.data_dir / "models" / "tiny.pth")
+    config = _fresh_config(tmp_path, tiny_model)
 
     task, stop, conn = await _start(config, tiny_model)
     try:
-        server = await connect_to_server({"server_url": conn["server_url"], "token": conn["token"]})
-        svc = await server.get_service(conn["service_id"])
+        server, svc = await _service(conn)
         ds = await upload_folder(server, dev_data, alias="dev")
         done = await svc.start_training(
             artifact=ds,
@@ -132,8 +133,7 @@ async def test_restart_during_a_training_run_loses_nothing(tmp_path, tiny_model,
 
     task, stop, conn = await _start(config, tiny_model)
     try:
-        server = await connect_to_server({"server_url": conn["server_url"], "token": conn["token"]})
-        svc = await server.get_service(conn["service_id"])
+        server, svc = await _service(conn)
         assert await svc.get_training_status(done["session_id"]) == {
             **done_status,
             "updated_at": (await svc.get_training_status(done["session_id"]))["updated_at"],
@@ -158,25 +158,10 @@ async def test_s3_down_while_loading_fails_the_session_clearly(tmp_path, tiny_mo
     import os
     import signal
 
-    from hypha_rpc import connect_to_server
-
-    from cellpose_finetuning.deploy.stack import StackConfig
-
-    ports = free_ports(5)
-    config = StackConfig(
-        data_dir=tmp_path / "stack",
-        hypha_port=ports[0],
-        s3_port=ports[1],
-        weed_master_port=ports[2],
-        weed_volume_port=ports[3],
-        weed_filer_port=ports[4],
-    )
-    (config.data_dir / "models").mkdir(parents=True)
-    shutil.copy(tiny_model, config.data_dir / "models" / "tiny.pth")
+    config = _fresh_config(tmp_path, tiny_model)
     task, stop, conn = await _start(config, tiny_model)
     try:
-        server = await connect_to_server({"server_url": conn["server_url"], "token": conn["token"]})
-        svc = await server.get_service(conn["service_id"])
+        server, svc = await _service(conn)
         ds = await upload_folder(server, dev_data, alias="dev")
         weed = [
             p
