@@ -676,6 +676,22 @@ def _stack_options(func: F) -> F:
 @click.option("--workspace", default=None, help="Workspace on --server-url.")
 @click.option("--token", default=None, help="Token for --server-url (default: $HYPHA_TOKEN).")
 @click.option("--max-concurrent-trainings", type=int, default=1, show_default=True)
+@click.option("--max-active-sessions-per-user", type=int, default=3, show_default=True)
+@click.option("--max-epochs", type=int, default=1000, show_default=True)
+@click.option(
+    "--max-pixels",
+    type=int,
+    default=64 * 1024 * 1024,
+    show_default=True,
+    help="Largest image accepted, in values (all axes).",
+)
+@click.option(
+    "--max-files",
+    type=int,
+    default=50_000,
+    show_default=True,
+    help="Most files a dataset listing may have.",
+)
 @_friendly_errors
 def serve(
     data_dir: Path,
@@ -689,6 +705,10 @@ def serve(
     workspace: str | None,
     token: str | None,
     max_concurrent_trainings: int,
+    max_active_sessions_per_user: int,
+    max_epochs: int,
+    max_pixels: int,
+    max_files: int,
 ) -> None:
     """Run the service on its embedded local stack (SeaweedFS + Hypha), or on a server.
 
@@ -719,7 +739,13 @@ def serve(
         workspace=workspace,
         token=token,
         user=user,
-        service_config={"max_concurrent_trainings": max_concurrent_trainings},
+        service_config={
+            "max_concurrent_trainings": max_concurrent_trainings,
+            "max_active_sessions_per_user": max_active_sessions_per_user,
+            "max_epochs": max_epochs,
+            "max_pixels": max_pixels,
+            "max_files": max_files,
+        },
     )
     asyncio.run(run_serve(options))
 
