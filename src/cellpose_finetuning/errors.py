@@ -38,6 +38,10 @@ class InvalidInput(CellposeFinetuningError, ValueError):
         self.reason = reason
         super().__init__(f"{what}: {reason}")
 
+    def __reduce__(self) -> tuple[type, tuple[str, str]]:
+        # Pickle by the constructor's own arguments (crossing to Ray workers).
+        return (type(self), (self.what, self.reason))
+
 
 class NotFound(CellposeFinetuningError, LookupError):
     """A session, model, artifact or file does not exist (or is not the caller's)."""
@@ -46,7 +50,11 @@ class NotFound(CellposeFinetuningError, LookupError):
         self.kind = kind
         self.name = name
         msg = f"{kind} not found: {name!r}"
+        self.hint = hint
         super().__init__(f"{msg}. {hint}" if hint else msg)
+
+    def __reduce__(self) -> tuple[type, tuple[str, str, str]]:
+        return (type(self), (self.kind, self.name, self.hint))
 
 
 class Forbidden(CellposeFinetuningError, PermissionError):

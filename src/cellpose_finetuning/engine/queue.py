@@ -12,13 +12,46 @@ import contextlib
 import logging
 from collections import deque
 from collections.abc import Awaitable, Callable
+from typing import Protocol
 
 from cellpose_finetuning.engine.sessions import Session
 from cellpose_finetuning.engine.training import TrainingWorker, start_worker
 
-__all__ = ["TrainingQueue"]
+__all__ = ["TrainingExecutor", "TrainingQueue"]
 
 log = logging.getLogger(__name__)
+
+
+class TrainingExecutor(Protocol):
+    """Where training sessions run: local worker processes or Ray tasks.
+
+    The service only talks to this interface, so the API is the same object
+    whatever runs the training.
+    """
+
+    def start(self) -> None:
+        """Start dispatching (from a running event loop)."""
+        ...
+
+    async def close(self) -> None:
+        """Stop dispatching; ask running sessions to stop."""
+        ...
+
+    def submit(self, session: Session, *, resume: bool = False) -> None:
+        """Queue a session (in state ``waiting``)."""
+        ...
+
+    def cancel(self, session_id: str) -> bool:
+        """Drop a queued session; True if it was queued."""
+        ...
+
+    def is_running(self, session_id: str) -> bool:
+        """Whether the session is training now."""
+        ...
+
+    def is_queued(self, session_id: str) -> bool:
+        """Whether the session waits in the queue."""
+        ...
 
 
 class TrainingQueue:

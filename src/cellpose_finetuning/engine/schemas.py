@@ -135,6 +135,7 @@ class TrainingStatus(BaseModel):
     updated_at: str = Field(default_factory=lambda: datetime.now(UTC).isoformat())
     worker_pid: int | None = None
     worker_create_time: float | None = None
+    worker_host: str | None = None
 
 
 class InferenceSettings(BaseModel):

@@ -25,6 +25,7 @@ import json
 import os
 import re
 import shutil
+import socket
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -182,14 +183,18 @@ class Session:
     def read_status(self, *, reconcile: bool = True) -> TrainingStatus:
         """Read ``status.json``.
 
-        With ``reconcile`` a session whose recorded worker process is gone
-        while it claims to be preparing or running is marked ``failed``.
+        With ``reconcile`` a session whose recorded worker process (on this
+        host) is gone while it claims to be preparing or running is marked
+        ``failed``.
         """
         status = TrainingStatus.model_validate_json(self.status_file.read_text())
         if (
             reconcile
             and status.status_type in _LIVE_STATES
             and status.worker_pid
+            # On a cluster (Ray) the worker may run on another node, where its
+            # pid means nothing here: only check workers of this host.
+            and status.worker_host in (None, socket.gethostname())
             and not _process_alive(status.worker_pid, status.worker_create_time)
         ):
             epoch = status.current_epoch or 0

@@ -29,6 +29,7 @@ import logging
 import math
 import multiprocessing as mp
 import os
+import socket
 import time
 import traceback
 from collections.abc import Callable
@@ -392,6 +393,7 @@ def run_training(session: Session, *, resume: bool = False) -> TrainingStatus:
                 "start_time": status.start_time if resume and status.start_time else _now(),
                 "worker_pid": os.getpid(),
                 "worker_create_time": _own_create_time(),
+                "worker_host": socket.gethostname(),
             }
         )
     )

@@ -29,8 +29,8 @@ from pydantic import BaseModel, Field, ValidationError
 
 from cellpose_finetuning.data.artifacts import ArtifactFiles, parse_artifact_id, upload_files
 from cellpose_finetuning.data.pairing import check_specs, pair_files, safe_relpath, select_samples
-from cellpose_finetuning.engine.inference import ModelCache, ModelResolver, segment
-from cellpose_finetuning.engine.queue import TrainingQueue
+from cellpose_finetuning.engine.inference import InferenceExecutor, LocalInference, ModelResolver
+from cellpose_finetuning.engine.queue import TrainingExecutor, TrainingQueue
 from cellpose_finetuning.engine.runs import (
     validate_settings,
     validation_error_message,
@@ -133,7 +133,7 @@ def api_method(func: F) -> F:
 
 def _status_dict(session: Session, status: Any = None) -> dict[str, Any]:
     st = status or session.read_status()
-    out = st.model_dump(mode="json", exclude={"worker_pid", "worker_create_time"})
+    out = st.model_dump(mode="json", exclude={"worker_pid", "worker_create_time", "worker_host"})
     out["session_id"] = session.id
     return out
 
@@ -150,23 +150,38 @@ class CellposeService:
         privileged connection); without it only sent arrays can be used.
     server_url : str, optional
         Public server URL, for links in results.
+    inference : InferenceExecutor, optional
+        Where ``infer`` runs; in this process by default, Ray Serve replicas
+        with the Ray backend (:mod:`cellpose_finetuning.deploy.ray_backend`).
+    training : TrainingExecutor, optional
+        Where training runs; local worker processes by default, Ray tasks
+        with the Ray backend.
     """
 
     def __init__(
-        self, config: ServiceConfig, artifact_manager: Any = None, server_url: str = ""
+        self,
+        config: ServiceConfig,
+        artifact_manager: Any = None,
+        server_url: str = "",
+        *,
+        inference: InferenceExecutor | None = None,
+        training: TrainingExecutor | None = None,
     ) -> None:
         self.config = config
         for folder in (config.sessions_dir, config.models_dir, config.cache_dir):
             folder.mkdir(parents=True, exist_ok=True)
         self.sessions = SessionStore(config.sessions_dir)
         self.resolver = ModelResolver(models_dir=config.models_dir, sessions=self.sessions)
-        self.models = ModelCache(device=config.device)
-        self.queue = TrainingQueue(config.max_concurrent_trainings, config.worker_threads)
+        self.inference: InferenceExecutor = inference or LocalInference(
+            device=config.device, concurrency=config.inference_concurrency
+        )
+        self.queue: TrainingExecutor = training or TrainingQueue(
+            config.max_concurrent_trainings, config.worker_threads
+        )
         self.artifacts = (
             ArtifactFiles(artifact_manager, config.cache_dir) if artifact_manager else None
         )
         self.server_url = server_url.rstrip("/")
-        self._infer_sem = asyncio.Semaphore(config.inference_concurrency)
         self._prepare_tasks: dict[str, asyncio.Task[None]] = {}
 
     async def start(self) -> None:
@@ -182,10 +197,11 @@ class CellposeService:
                 )
 
     async def close(self) -> None:
-        """Stop the queue (running workers are asked to stop)."""
+        """Stop the queue (running workers are asked to stop) and the inference executor."""
         for task in self._prepare_tasks.values():
             task.cancel()
         await self.queue.close()
+        await self.inference.close()
 
     def service_functions(self) -> dict[str, Callable[..., Any]]:
         """The methods to register, by name."""
@@ -317,14 +333,7 @@ class CellposeService:
             for p in paths:
                 images.append(read_image(local[p], max_pixels=self.config.max_pixels))
                 names.append(p)
-        async with self._infer_sem:
-            cp_model = await asyncio.to_thread(self.models.get, ref)
-            masks = await asyncio.to_thread(
-                lambda: [
-                    segment(cp_model, im, settings, name=n)
-                    for im, n in zip(images, names, strict=True)
-                ]
-            )
+        masks = await self.inference.segment(ref, images, names, settings)
         return [{"output": m} for m in masks]
 
     def _check_pixels(self, shape: tuple[int, ...], name: str) -> None:
