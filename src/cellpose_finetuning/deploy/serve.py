@@ -24,9 +24,17 @@ import time
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from cellpose_finetuning.deploy.stack import EmbeddedStack, StackConfig, StackError
+from cellpose_finetuning.deploy.stack import (
+    EmbeddedStack,
+    StackConfig,
+    StackError,
+    read_connection_file,
+)
+
+if TYPE_CHECKING:
+    from cellpose_finetuning.deploy.ray_backend import RayBackend, RayOptions
 
 __all__ = ["SERVICE_ID", "ServeOptions", "read_connection_file", "serve", "token_expiry"]
 
@@ -53,6 +61,8 @@ class ServeOptions:
     token: str | None = None
     user: str = "local-user"
     service_config: dict[str, Any] = field(default_factory=dict)
+    backend: str = "local"  # "local" or "ray"
+    ray: RayOptions | None = None  # with backend="ray"; defaults when None
 
 
 def token_expiry(token: str) -> float | None:
@@ -64,14 +74,6 @@ def token_expiry(token: str) -> float | None:
     except Exception:
         return None
     return float(exp) if exp else None
-
-
-def read_connection_file(data_dir: str | os.PathLike[str]) -> dict[str, Any]:
-    """Read ``connection.json`` written by a running ``serve``."""
-    path = Path(data_dir).expanduser() / "connection.json"
-    if not path.is_file():
-        raise StackError(f"no {path}; is 'cellpose-finetuning serve' running with this --data-dir?")
-    return json.loads(path.read_text())
 
 
 def _write_private(path: Path, data: dict[str, Any]) -> None:
@@ -132,12 +134,15 @@ async def start_service(
     data_dir: Path,
     service_config: dict[str, Any],
     workspace: str | None = None,
+    executors: dict[str, Any] | None = None,
 ) -> tuple[Any, Any, Any, Any]:
     """Connect, build and register the service.
 
     The service reads artifacts through the connection of ``token`` (on the
     embedded stack an admin identity) and registers in ``workspace``
-    (created if missing) or the token's own workspace.
+    (created if missing) or the token's own workspace. ``executors``
+    (``inference``, ``training``) replace the in-process ones, e.g. with
+    the Ray backend's.
 
     Returns
     -------
@@ -158,6 +163,7 @@ async def start_service(
         ServiceConfig(data_dir=data_dir, **service_config),
         artifact_manager=am,
         server_url=server_url,
+        **(executors or {}),
     )
     await service.start()
     info = await server.register_service(
@@ -170,6 +176,17 @@ async def start_service(
         }
     )
     return admin, server, service, info
+
+
+def _backend_line(options: ServeOptions, ray_backend: RayBackend | None) -> str:
+    if ray_backend is None:
+        return "local (inference in this process, training in worker processes)"
+    o = ray_backend.options
+    where = f"cluster {o.address}" if o.address else f"local Ray, {o.num_cpus} CPUs"
+    replicas = str(o.inference_replicas)
+    if o.max_inference_replicas and o.max_inference_replicas > o.inference_replicas:
+        replicas += f"-{o.max_inference_replicas}"
+    return f"ray ({where}; {replicas} inference replicas, {o.replica_gpus:g} GPU each)"
 
 
 async def serve(
@@ -194,8 +211,22 @@ async def serve(
         with contextlib.suppress(NotImplementedError, RuntimeError, ValueError):
             loop.add_signal_handler(sig, stop.set)
     stack: EmbeddedStack | None = None
+    ray_backend: RayBackend | None = None
     admin = server = service = None
     try:
+        executors: dict[str, Any] = {}
+        if options.backend == "ray":
+            from cellpose_finetuning.deploy.ray_backend import RayBackend, RayOptions
+
+            ray_options = options.ray or RayOptions()
+            ray_options.max_concurrent_trainings = options.service_config.get(
+                "max_concurrent_trainings", ray_options.max_concurrent_trainings
+            )
+            ray_backend = RayBackend(ray_options, data_dir)
+            await asyncio.to_thread(ray_backend.start)
+            executors = {"inference": ray_backend.inference(), "training": ray_backend.training()}
+        elif options.backend != "local":
+            raise StackError(f"--backend: {options.backend!r} is not 'local' or 'ray'")
         if options.server_url:
             server_url = options.server_url
             token = options.token or os.environ.get("HYPHA_TOKEN")
@@ -219,7 +250,7 @@ async def serve(
             user_token = stack.token(options.user)
             workspace = options.workspace or DEFAULT_WORKSPACE
         admin, server, service, info = await start_service(
-            server_url, token, data_dir, options.service_config, workspace
+            server_url, token, data_dir, options.service_config, workspace, executors
         )
         workspace = server.config.workspace
         connection = {
@@ -231,6 +262,7 @@ async def serve(
             "token": user_token,
             "data_dir": str(data_dir),
             "pid": os.getpid(),
+            "backend": options.backend,
             "started_at": datetime.now(UTC).isoformat(),
         }
         _write_private(data_dir / "connection.json", connection)
@@ -245,6 +277,7 @@ async def serve(
                 if user_token
                 else ""
             )
+            + f"  backend    : {_backend_line(options, ray_backend)}\n"
             + f"  details    : {data_dir / 'connection.json'}\n"
             f"Press Ctrl-C to stop.",
             flush=True,
@@ -259,6 +292,8 @@ async def serve(
         for conn in {id(c): c for c in (server, admin) if c is not None}.values():
             with contextlib.suppress(Exception):
                 await conn.disconnect()
+        if ray_backend is not None:
+            await asyncio.to_thread(ray_backend.stop)
         if stack is not None:
             await asyncio.to_thread(stack.stop)
         with contextlib.suppress(FileNotFoundError):

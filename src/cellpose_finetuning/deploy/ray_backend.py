@@ -1,0 +1,529 @@
+"""Scale out on Ray Serve: the same service object, other executors.
+
+:class:`~cellpose_finetuning.service.api.CellposeService` talks to two
+executors: one for ``infer`` and one for training. The embedded service runs
+them in its own process (threads, worker processes). This module provides
+their Ray versions:
+
+- :class:`RayInference`: ``infer`` goes to a Ray Serve deployment,
+  :class:`InferenceReplica`, with a fixed number of replicas or autoscaling
+  between bounds, each with its CPU share and GPU *fraction* (replicas can
+  share one GPU) and its own model cache. A call that lands on a replica
+  that dies is retried once on another (inference has no side effects);
+  a second failure is reported as a clear error.
+- :class:`RayTrainingQueue`: each session trains in a Ray task with its own
+  resource request (``training_cpus``, ``training_gpus``) in a fresh worker
+  process (``max_calls=1``, so GPU memory is returned after each run), at
+  most ``max_concurrent`` at a time, with a bounded queue behind them.
+
+Session status, checkpoints and the dataset cache live in the service's
+``data_dir``. Replicas and training tasks read and write them there, so on a
+multi-node cluster ``data_dir`` must be a directory every node mounts at the
+same path (NFS, CephFS, a cloud file store); on one machine any folder will
+do. Each node also needs this package installed (same version) in the
+Python that Ray runs.
+
+Batching: cellpose already batches the 256x256 tiles of one image
+(``batch_size`` tiles per forward pass). Batching *requests* would only pay
+off for many tiny images on a GPU and needs cellpose internals (it segments
+a list of images one after the other), so requests are spread over replicas
+instead, and each replica runs one segmentation at a time while further
+requests wait at the replica (so Serve's autoscaler sees the backlog).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+from collections import deque
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from cellpose_finetuning.engine.inference import LocalInference, ModelRef
+from cellpose_finetuning.engine.schemas import InferenceSettings
+from cellpose_finetuning.engine.sessions import Session
+from cellpose_finetuning.errors import CellposeFinetuningError, InvalidInput, ResourceLimit
+
+__all__ = [
+    "InferenceReplica",
+    "RayBackend",
+    "RayInference",
+    "RayOptions",
+    "RayTrainingQueue",
+    "replica_actors",
+]
+
+log = logging.getLogger(__name__)
+
+#: Environment variables handed to Ray workers when set here.
+_FORWARDED_ENV = ("CELLPOSE_LOCAL_MODELS_PATH", "MPLBACKEND", "OMP_NUM_THREADS")
+
+
+@dataclass
+class RayOptions:
+    """How the Ray backend runs.
+
+    Parameters
+    ----------
+    address : str, optional
+        Join this Ray cluster (``auto``, ``ray://host:10001``, ``host:6379``).
+        Without it a local Ray instance is started and stopped with the service.
+    num_cpus, num_gpus : int, optional
+        Size of the local instance (ignored with ``address``).
+    inference_replicas : int
+        Inference replicas at start (and at least, with autoscaling).
+    max_inference_replicas : int, optional
+        Autoscale up to this many replicas when requests queue up.
+    replica_cpus : float
+        CPUs reserved per inference replica.
+    replica_gpus : float
+        GPU per replica; a fraction (0.5) lets two replicas share one GPU.
+    max_ongoing_requests : int
+        Requests a replica accepts at once (it segments one at a time).
+    training_cpus, training_gpus : float
+        Resources each training task asks for.
+    max_concurrent_trainings : int
+        Training tasks running at once; further sessions wait in the queue.
+    max_queued_trainings : int
+        Sessions that may wait; more are refused with a clear error.
+    torch_threads : int, optional
+        Torch CPU threads in each replica and training task.
+    device : str, optional
+        Torch device; by default CUDA when the replica has a GPU, else CPU.
+    app_name : str
+        Name of the Serve application.
+    """
+
+    address: str | None = None
+    num_cpus: int | None = 2
+    num_gpus: int | None = None
+    inference_replicas: int = 1
+    max_inference_replicas: int | None = None
+    replica_cpus: float = 1.0
+    replica_gpus: float = 0.0
+    max_ongoing_requests: int = 4
+    training_cpus: float = 1.0
+    training_gpus: float = 0.0
+    max_concurrent_trainings: int = 1
+    max_queued_trainings: int = 16
+    torch_threads: int | None = None
+    device: str | None = None
+    app_name: str = "cellpose-finetuning"
+
+    def validate(self) -> None:
+        """Raise :class:`InvalidInput` naming the first bad setting."""
+        if self.inference_replicas < 1:
+            raise InvalidInput("inference_replicas", "must be at least 1")
+        if self.max_inference_replicas is not None and (
+            self.max_inference_replicas < self.inference_replicas
+        ):
+            raise InvalidInput("max_inference_replicas", "must be >= inference_replicas")
+        if not 0 <= self.replica_gpus <= 1 and not float(self.replica_gpus).is_integer():
+            raise InvalidInput("replica_gpus", "a fraction of one GPU, or a whole number")
+        for name in ("replica_cpus", "training_cpus", "training_gpus", "replica_gpus"):
+            if getattr(self, name) < 0:
+                raise InvalidInput(name, "must not be negative")
+        for name in ("max_ongoing_requests", "max_concurrent_trainings", "max_queued_trainings"):
+            if getattr(self, name) < 1:
+                raise InvalidInput(name, "must be at least 1")
+
+
+# --------------------------------------------------------------------------- inference
+class InferenceReplica:
+    """One Ray Serve replica: a model cache and one segmentation at a time.
+
+    Turned into a Serve deployment by :class:`RayBackend`; plain Python
+    otherwise (so it can be tested without Ray).
+    """
+
+    def __init__(
+        self, device: str | None = None, max_models: int = 2, torch_threads: int | None = None
+    ) -> None:
+        if torch_threads:
+            import torch
+
+            torch.set_num_threads(torch_threads)
+        if device is None:
+            import torch
+
+            device = "cuda" if torch.cuda.is_available() else "cpu"
+        self.executor = LocalInference(device=device, concurrency=1, max_models=max_models)
+        self.calls = 0
+
+    async def segment(
+        self,
+        ref: ModelRef,
+        images: Sequence[np.ndarray],
+        names: Sequence[str],
+        settings: InferenceSettings,
+    ) -> list[np.ndarray]:
+        """Segment ``images`` with the model behind ``ref`` (loaded once per replica)."""
+        self.calls += 1
+        return await self.executor.segment(ref, images, names, settings)
+
+    def info(self) -> dict[str, Any]:
+        """Process id, calls served and models loaded, for tests and monitoring."""
+        return {"pid": os.getpid(), "calls": self.calls, "models": len(self.executor.models)}
+
+
+def _is_replica_failure(exc: BaseException) -> bool:
+    """Whether ``exc`` means the replica (not the request) failed."""
+    from ray import exceptions as rex
+
+    return isinstance(
+        exc,
+        rex.RayActorError | rex.ActorUnavailableError | rex.WorkerCrashedError,
+    )
+
+
+def _unwrap(exc: BaseException) -> BaseException:
+    """The exception raised inside the replica or task, if Ray wrapped it."""
+    from ray.exceptions import RayTaskError
+
+    if isinstance(exc, RayTaskError):
+        cause = getattr(exc, "cause", None)
+        if isinstance(cause, BaseException):
+            return cause
+    return exc
+
+
+class RayInference:
+    """The service's inference executor on Ray Serve.
+
+    Parameters
+    ----------
+    handle : ray.serve.handle.DeploymentHandle
+        Handle of the :class:`InferenceReplica` deployment.
+    retries : int
+        How often a call is sent again when its replica died under it.
+    """
+
+    def __init__(self, handle: Any, retries: int = 1) -> None:
+        self.handle = handle
+        self.retries = retries
+        self.retried = 0  # calls sent again after their replica died
+
+    async def segment(
+        self,
+        ref: ModelRef,
+        images: Sequence[np.ndarray],
+        names: Sequence[str],
+        settings: InferenceSettings,
+    ) -> list[np.ndarray]:
+        """Send the call to a replica; retry once on another if that replica dies."""
+        for attempt in range(self.retries + 1):
+            try:
+                return await self.handle.segment.remote(ref, list(images), list(names), settings)
+            except Exception as exc:
+                if _is_replica_failure(exc):
+                    log.warning("inference replica failed (attempt %d): %s", attempt + 1, exc)
+                    if attempt < self.retries:
+                        self.retried += 1
+                        continue
+                    raise CellposeFinetuningError(
+                        "the inference replica stopped while segmenting (tried "
+                        f"{attempt + 1} times); nothing was changed, call infer again"
+                    ) from None
+                raise _unwrap(exc) from None
+        raise AssertionError("unreachable")
+
+    async def replica_info(self) -> dict[str, Any]:
+        """``info()`` of whichever replica answers."""
+        return await self.handle.info.remote()
+
+    async def close(self) -> None:
+        """The deployment is removed by :meth:`RayBackend.stop`."""
+
+
+# --------------------------------------------------------------------------- training
+def _train_in_ray(session_dir: str, resume: bool, num_threads: int | None) -> str:
+    """Body of the Ray training task: the same worker entry point as local runs."""
+    from cellpose_finetuning.engine.training import worker_main
+
+    worker_main(session_dir, resume, num_threads)
+    return Session(session_dir).read_status(reconcile=False).status_type
+
+
+class RayTrainingQueue:
+    """The service's training executor on Ray: one Ray task per session.
+
+    Parameters
+    ----------
+    max_concurrent : int
+        Tasks running at once (their resources must also fit the cluster).
+    max_queued : int
+        Sessions that may wait; ``submit`` refuses more.
+    num_cpus, num_gpus : float
+        Resources each task asks for.
+    num_threads : int, optional
+        Torch CPU threads in the task.
+    """
+
+    def __init__(
+        self,
+        max_concurrent: int = 1,
+        max_queued: int = 16,
+        *,
+        num_cpus: float = 1.0,
+        num_gpus: float = 0.0,
+        num_threads: int | None = None,
+    ) -> None:
+        self.max_concurrent = max_concurrent
+        self.max_queued = max_queued
+        self.num_cpus = num_cpus
+        self.num_gpus = num_gpus
+        self.num_threads = num_threads
+        self._pending: deque[tuple[Session, bool]] = deque()
+        self._running: dict[str, tuple[Session, Any]] = {}
+        self._wakeup = asyncio.Event()
+        self._task: asyncio.Task[None] | None = None
+        self._remote: Any = None
+        self._watchers: dict[str, asyncio.Task[None]] = {}
+
+    def start(self) -> None:
+        """Start dispatching (call from a running event loop)."""
+        import ray
+
+        self._remote = ray.remote(
+            num_cpus=self.num_cpus,
+            num_gpus=self.num_gpus,
+            max_calls=1,  # a fresh process per run: no state or GPU memory carried over
+            max_retries=0,  # a crashed run is reported, then continued on request
+        )(_train_in_ray)
+        if self._task is None:
+            self._task = asyncio.get_running_loop().create_task(self._dispatch())
+
+    async def close(self) -> None:
+        """Stop dispatching; running sessions are asked to stop and awaited (60 s)."""
+        if self._task:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+            self._task = None
+        for session, _ref in self._running.values():
+            session.request_stop()
+        refs = [ref for _s, ref in self._running.values()]
+        if refs:
+            import ray
+
+            await asyncio.to_thread(ray.wait, refs, num_returns=len(refs), timeout=60)
+
+    def submit(self, session: Session, *, resume: bool = False) -> None:
+        """Queue a session; refuse it when the queue is full."""
+        if len(self._pending) >= self.max_queued:
+            session.update_status(
+                status_type="failed", message="Refused: the training queue is full"
+            )
+            raise ResourceLimit(
+                f"the training queue is full ({self.max_queued} sessions wait); try later"
+            )
+        self._pending.append((session, resume))
+        self._update_positions()
+        self._wakeup.set()
+
+    def cancel(self, session_id: str) -> bool:
+        """Remove a waiting session from the queue; True if it was queued."""
+        for item in list(self._pending):
+            if item[0].id == session_id:
+                self._pending.remove(item)
+                self._update_positions()
+                return True
+        return False
+
+    def is_running(self, session_id: str) -> bool:
+        """Whether a Ray task trains this session now."""
+        return session_id in self._running
+
+    def is_queued(self, session_id: str) -> bool:
+        """Whether the session waits in the queue."""
+        return any(s.id == session_id for s, _ in self._pending)
+
+    @property
+    def running(self) -> list[str]:
+        """Ids of running sessions."""
+        return list(self._running)
+
+    def _update_positions(self) -> None:
+        for pos, (session, _) in enumerate(self._pending, start=1):
+            with contextlib.suppress(Exception):
+                session.update_status(
+                    status_type="waiting",
+                    message=f"Waiting in the Ray training queue: position {pos} "
+                    f"({len(self._running)} running)",
+                )
+
+    async def _dispatch(self) -> None:
+        while True:
+            await self._wakeup.wait()
+            self._wakeup.clear()
+            while self._pending and len(self._running) < self.max_concurrent:
+                session, resume = self._pending.popleft()
+                try:
+                    session.update_status(
+                        status_type="preparing", message="Starting the training task on Ray"
+                    )
+                    ref = self._remote.remote(str(session.path), resume, self.num_threads)
+                except Exception as exc:  # one bad session must not stop the queue
+                    log.exception("could not start %s on Ray", session.id)
+                    session.update_status(status_type="failed", message=f"Could not start: {exc}")
+                    continue
+                self._running[session.id] = (session, ref)
+                self._watchers[session.id] = asyncio.get_running_loop().create_task(
+                    self._watch(session, ref)
+                )
+                self._update_positions()
+
+    async def wait(self, session_id: str) -> None:
+        """Wait until the session's current run has ended (no-op when none runs)."""
+        task = self._watchers.get(session_id)
+        if task is not None:
+            await asyncio.shield(task)
+
+    async def _watch(self, session: Session, ref: Any) -> None:
+        try:
+            await ref
+        except Exception as exc:
+            # The task died without writing a final status (node lost, OOM kill...).
+            cause = _unwrap(exc)
+            status = session.read_status(reconcile=False)
+            if status.status_type not in ("completed", "failed", "stopped"):
+                epoch = (status.current_epoch or 0) + 1
+                session.update_status(
+                    status_type="failed",
+                    message=f"The Ray training task ended unexpectedly during epoch {epoch} "
+                    f"({type(cause).__name__}). Weights of the last saved checkpoint are kept; "
+                    "continue the session to train further.",
+                    worker_pid=None,
+                )
+        finally:
+            self._running.pop(session.id, None)
+            self._watchers.pop(session.id, None)
+            self._update_positions()
+            self._wakeup.set()
+
+
+# --------------------------------------------------------------------------- backend
+def replica_actors(app_name: str = "cellpose-finetuning") -> list[Any]:
+    """Actor handles of the running inference replicas of ``app_name``."""
+    import ray
+
+    return [
+        ray.get_actor(entry["name"], namespace=entry["namespace"])
+        for entry in ray.util.list_named_actors(all_namespaces=True)
+        if entry["name"].startswith("SERVE_REPLICA::")
+        and f"{app_name}#cellpose-inference#" in entry["name"]
+    ]
+
+
+class RayBackend:
+    """Start (or join) Ray, deploy the inference replicas, hand out executors.
+
+    Parameters
+    ----------
+    options : RayOptions
+        Cluster, replicas and resources.
+    data_dir : Path
+        The service's data directory (must be shared by every node).
+    """
+
+    def __init__(self, options: RayOptions, data_dir: Path) -> None:
+        options.validate()
+        self.options = options
+        self.data_dir = Path(data_dir)
+        self.handle: Any = None
+        self._owns_ray = False
+
+    def start(self) -> RayBackend:
+        """Initialise Ray and deploy the inference application (blocking)."""
+        # Serve's router asks replicas for their queue length with a 0.1 s
+        # deadline; a replica busy with CPU-bound segmentation misses it and the
+        # router then picks blindly. Give it time (read when Serve is imported).
+        os.environ.setdefault("RAY_SERVE_QUEUE_LENGTH_RESPONSE_DEADLINE_S", "1.0")
+        import ray
+        from ray import serve
+
+        o = self.options
+        env = {k: os.environ[k] for k in _FORWARDED_ENV if k in os.environ}
+        if not ray.is_initialized():
+            common: dict[str, Any] = {
+                "namespace": "cellpose-finetuning",
+                "log_to_driver": False,
+                "runtime_env": {"env_vars": env} if env else None,
+            }
+            if o.address:
+                ray.init(address=o.address, **common)
+            else:
+                ray.init(
+                    num_cpus=o.num_cpus,
+                    num_gpus=o.num_gpus,
+                    include_dashboard=False,
+                    **common,
+                )
+            self._owns_ray = True
+        serve.start(proxy_location="Disabled")
+        deployment_options: dict[str, Any] = {
+            "name": "cellpose-inference",
+            "ray_actor_options": {"num_cpus": o.replica_cpus, "num_gpus": o.replica_gpus},
+            "max_ongoing_requests": o.max_ongoing_requests,
+            "health_check_period_s": 10,
+        }
+        if o.max_inference_replicas and o.max_inference_replicas > o.inference_replicas:
+            deployment_options["autoscaling_config"] = {
+                "min_replicas": o.inference_replicas,
+                "initial_replicas": o.inference_replicas,
+                "max_replicas": o.max_inference_replicas,
+                "target_ongoing_requests": 1,
+                "upscale_delay_s": 0,
+                "downscale_delay_s": 300,
+            }
+        else:
+            deployment_options["num_replicas"] = o.inference_replicas
+        device = o.device or ("cuda" if o.replica_gpus > 0 else "cpu")
+        app = (
+            serve.deployment(InferenceReplica)
+            .options(**deployment_options)
+            .bind(device=device, torch_threads=o.torch_threads)
+        )
+        self.handle = serve.run(app, name=o.app_name, route_prefix=None)
+        return self
+
+    def inference(self) -> RayInference:
+        """The inference executor for :class:`CellposeService`."""
+        if self.handle is None:
+            raise CellposeFinetuningError("the Ray backend is not started")
+        return RayInference(self.handle)
+
+    def training(self) -> RayTrainingQueue:
+        """The training executor for :class:`CellposeService`."""
+        o = self.options
+        return RayTrainingQueue(
+            o.max_concurrent_trainings,
+            o.max_queued_trainings,
+            num_cpus=o.training_cpus,
+            num_gpus=o.training_gpus,
+            num_threads=o.torch_threads,
+        )
+
+    def replica_actors(self) -> list[Any]:
+        """Actor handles of the inference replicas (for tests and operators)."""
+        return replica_actors(self.options.app_name)
+
+    def stop(self) -> None:
+        """Remove the application; shut Ray down if this backend started it."""
+        import ray
+        from ray import serve
+
+        with contextlib.suppress(Exception):
+            serve.delete(self.options.app_name)
+        if self._owns_ray:
+            with contextlib.suppress(Exception):
+                serve.shutdown()
+            ray.shutdown()
+            self._owns_ray = False
+        self.handle = None
