@@ -29,8 +29,8 @@ serve: setup
 	$(VENV)/bin/cellpose-finetuning serve $(SERVE_ARGS)
 
 lint: setup
-	$(VENV)/bin/ruff check src tests benchmarks
-	$(VENV)/bin/ruff format --check src tests benchmarks
+	$(VENV)/bin/ruff check src tests benchmarks bioengine-app
+	$(VENV)/bin/ruff format --check src tests benchmarks bioengine-app
 
 format: setup
 	$(VENV)/bin/ruff format src tests benchmarks

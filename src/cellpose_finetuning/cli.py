@@ -692,6 +692,46 @@ def _stack_options(func: F) -> F:
     show_default=True,
     help="Most files a dataset listing may have.",
 )
+@click.option(
+    "--backend",
+    type=click.Choice(["local", "ray"]),
+    default="local",
+    show_default=True,
+    help="Where inference and training run: this process, or Ray Serve replicas and Ray tasks.",
+)
+@click.option(
+    "--ray-address",
+    default=None,
+    help="Join this Ray cluster (e.g. 'auto' or 'ray://head:10001') instead of starting one.",
+)
+@click.option(
+    "--ray-num-cpus", type=int, default=2, show_default=True, help="CPUs of the local Ray."
+)
+@click.option("--ray-num-gpus", type=int, default=None, help="GPUs of the local Ray.")
+@click.option("--inference-replicas", type=int, default=1, show_default=True)
+@click.option(
+    "--max-inference-replicas",
+    type=int,
+    default=None,
+    help="Autoscale inference replicas up to this many when calls queue up.",
+)
+@click.option("--replica-cpus", type=float, default=1.0, show_default=True)
+@click.option(
+    "--replica-gpus",
+    type=float,
+    default=0.0,
+    show_default=True,
+    help="GPU per inference replica; 0.5 lets two replicas share one GPU.",
+)
+@click.option("--training-cpus", type=float, default=1.0, show_default=True)
+@click.option("--training-gpus", type=float, default=0.0, show_default=True)
+@click.option(
+    "--max-queued-trainings",
+    type=int,
+    default=16,
+    show_default=True,
+    help="Ray backend: sessions that may wait for a training slot.",
+)
 @_friendly_errors
 def serve(
     data_dir: Path,
@@ -709,6 +749,17 @@ def serve(
     max_epochs: int,
     max_pixels: int,
     max_files: int,
+    backend: str,
+    ray_address: str | None,
+    ray_num_cpus: int,
+    ray_num_gpus: int | None,
+    inference_replicas: int,
+    max_inference_replicas: int | None,
+    replica_cpus: float,
+    replica_gpus: float,
+    training_cpus: float,
+    training_gpus: float,
+    max_queued_trainings: int,
 ) -> None:
     """Run the service on its embedded local stack (SeaweedFS + Hypha), or on a server.
 
@@ -717,6 +768,8 @@ def serve(
       cellpose-finetuning serve                       # local stack, prints URL and token
       cellpose-finetuning serve --hypha-port 9600 --s3-port 9601
       HYPHA_TOKEN=... cellpose-finetuning serve --server-url https://hypha.aicell.io
+      cellpose-finetuning serve --backend ray --inference-replicas 2 --replica-cpus 0.5
+      cellpose-finetuning serve --backend ray --ray-address auto --replica-gpus 0.5
     """
     import asyncio
 
@@ -724,6 +777,23 @@ def serve(
     from cellpose_finetuning.deploy.serve import serve as run_serve
     from cellpose_finetuning.deploy.stack import StackConfig
 
+    ray_options = None
+    if backend == "ray":
+        from cellpose_finetuning.deploy.ray_backend import RayOptions
+
+        ray_options = RayOptions(
+            address=ray_address,
+            num_cpus=ray_num_cpus,
+            num_gpus=ray_num_gpus,
+            inference_replicas=inference_replicas,
+            max_inference_replicas=max_inference_replicas,
+            replica_cpus=replica_cpus,
+            replica_gpus=replica_gpus,
+            training_cpus=training_cpus,
+            training_gpus=training_gpus,
+            max_queued_trainings=max_queued_trainings,
+        )
+        ray_options.validate()
     stack = StackConfig(
         data_dir=data_dir,
         hypha_port=hypha_port,
@@ -746,6 +816,8 @@ def serve(
             "max_pixels": max_pixels,
             "max_files": max_files,
         },
+        backend=backend,
+        ray=ray_options,
     )
     asyncio.run(run_serve(options))
 
@@ -1084,6 +1156,179 @@ def demo(data: Path, workdir: Path, n_epochs: int) -> None:
         overlay=True,
         as_json=False,
     )
+
+
+# --------------------------------------------------------------------------- bioengine
+@main.group("bioengine")
+@click.option("--server-url", envvar="HYPHA_SERVER_URL", required=True, help="Hypha server.")
+@click.option("--workspace", default=None, help="Workspace (default: the token's own).")
+@click.option(
+    "--token", default=None, help="Token (default: $HYPHA_TOKEN, or HYPHA_TOKEN= in .env)."
+)
+@click.option(
+    "--env-file",
+    type=click.Path(dir_okay=False, path_type=Path),
+    default=Path(".env"),
+    show_default=True,
+)
+@click.pass_context
+def bioengine_group(
+    ctx: click.Context, server_url: str, workspace: str | None, token: str | None, env_file: Path
+) -> None:
+    """Ship the service as a BioEngine app: upload the app folder, deploy, redeploy.
+
+    \b
+    Examples:
+      cellpose-finetuning bioengine --server-url https://hypha.aicell.io upload
+      cellpose-finetuning bioengine --server-url https://hypha.aicell.io deploy \\
+          --worker-service-id bioimage-io/bioengine-worker
+      cellpose-finetuning bioengine --server-url https://hypha.aicell.io redeploy \\
+          --worker-service-id bioimage-io/bioengine-worker --application-id cellpose-finetuning-app
+    """
+    import warnings
+
+    from cellpose_finetuning.deploy.bioengine import TokenWarning, load_token
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", TokenWarning)
+        try:
+            resolved = load_token(token, env_file)
+        except CellposeFinetuningError as exc:
+            raise click.UsageError(str(exc)) from None
+    for w in caught:
+        click.echo(f"Warning: {w.message}", err=True)
+    ctx.obj = {"server_url": server_url, "workspace": workspace, "token": resolved}
+
+
+def _bioengine_run(ctx: click.Context, body: Callable[[Any], Any]) -> Any:
+    import asyncio
+
+    from hypha_rpc import connect_to_server
+
+    async def go() -> Any:
+        config = {"server_url": ctx.obj["server_url"], "token": ctx.obj["token"]}
+        if ctx.obj["workspace"]:
+            config["workspace"] = ctx.obj["workspace"]
+        server = await connect_to_server(config)
+        try:
+            return await body(server)
+        finally:
+            await server.disconnect()
+
+    try:
+        return asyncio.run(go())
+    except Exception as exc:
+        if isinstance(exc, click.ClickException | CellposeFinetuningError):
+            raise
+        raise click.ClickException(_remote_message(exc)) from None
+
+
+_APP_DIR = click.option(
+    "--app-dir",
+    type=click.Path(file_okay=False, exists=True, path_type=Path),
+    default=Path("bioengine-app"),
+    show_default=True,
+    help="The app folder (manifest.yaml, entry module).",
+)
+
+
+@bioengine_group.command("upload")
+@_APP_DIR
+@click.option(
+    "--wheel",
+    type=click.Path(dir_okay=False, exists=True, path_type=Path),
+    default=None,
+    help="Upload this wheel instead of building one from the source checkout.",
+)
+@click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
+@click.pass_context
+@_friendly_errors
+def bioengine_upload(ctx: click.Context, app_dir: Path, wheel: Path | None, as_json: bool) -> None:
+    """Validate the app folder and upload it, with this package's wheel, as an app artifact."""
+    from cellpose_finetuning.deploy.bioengine import upload_app
+
+    result = _bioengine_run(ctx, lambda server: upload_app(server, app_dir, wheel=wheel))
+    if as_json:
+        click.echo(json.dumps(result, indent=1))
+    else:
+        click.echo(f"uploaded {result['artifact_id']} (version {result['version']})")
+
+
+def _deploy_options(func: F) -> F:
+    for option in reversed(
+        [
+            click.option(
+                "--worker-service-id",
+                required=True,
+                help="The BioEngine worker's service id (workspace/service).",
+            ),
+            click.option(
+                "--artifact-id", default=None, help="App artifact (default: <workspace>/<id>)."
+            ),
+            _APP_DIR,
+            click.option("--disable-gpu", is_flag=True, default=None, help="Run on CPU only."),
+            click.option("--max-concurrent-trainings", type=int, default=None, help="App setting."),
+            click.option("--training-on-ray", is_flag=True, default=None, help="App setting."),
+        ]
+    ):
+        func = option(func)
+    return func
+
+
+def _deploy(ctx: click.Context, redeploy: bool, application_id: str | None, **kw: Any) -> None:
+    from cellpose_finetuning.deploy.bioengine import deploy_app, read_manifest
+
+    app_kwargs = {
+        k: v
+        for k, v in (
+            ("max_concurrent_trainings", kw["max_concurrent_trainings"]),
+            ("training_on_ray", kw["training_on_ray"]),
+        )
+        if v is not None
+    }
+
+    async def body(server: Any) -> str:
+        artifact_id = kw["artifact_id"] or (
+            f"{server.config.workspace}/{read_manifest(kw['app_dir'])['id']}"
+        )
+        return await deploy_app(
+            server,
+            kw["worker_service_id"],
+            artifact_id,
+            token=ctx.obj["token"],
+            application_id=application_id,
+            disable_gpu=kw["disable_gpu"],
+            application_kwargs=app_kwargs,
+            redeploy=redeploy,
+        )
+
+    app_id = _bioengine_run(ctx, body)
+    click.echo(f"{'redeployed' if redeploy else 'deployed'} application {app_id}")
+
+
+@bioengine_group.command("deploy")
+@_deploy_options
+@click.option(
+    "--application-id",
+    default="cellpose-finetuning-app",
+    show_default=True,
+    help="Name of the deployment (not 'cellpose-finetuning': the app registers that service).",
+)
+@click.pass_context
+@_friendly_errors
+def bioengine_deploy(ctx: click.Context, application_id: str, **kw: Any) -> None:
+    """Deploy the uploaded app on a BioEngine worker (with your token as its HYPHA_TOKEN)."""
+    _deploy(ctx, False, application_id, **kw)
+
+
+@bioengine_group.command("redeploy")
+@_deploy_options
+@click.option("--application-id", required=True, help="The running deployment to update.")
+@click.pass_context
+@_friendly_errors
+def bioengine_redeploy(ctx: click.Context, application_id: str, **kw: Any) -> None:
+    """Update a running deployment to the latest upload (and a fresh token)."""
+    _deploy(ctx, True, application_id, **kw)
 
 
 def run() -> None:  # pragma: no cover - console entry point alias
