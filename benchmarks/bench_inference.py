@@ -212,7 +212,7 @@ def plan(quick: bool) -> list[tuple[str, int, int]]:
     """(kind, size, repetitions) to measure."""
     if quick:
         return [("2d", 512, 2), ("2d", 1024, 1), ("3d", 0, 1)]
-    return [("2d", 512, 5), ("2d", 2048, 3), ("2d", 4096, 2), ("3d", 0, 3)]
+    return [("2d", 512, 5), ("2d", 2048, 3), ("2d", 4096, 2), ("3d", 0, 2)]
 
 
 def run(ctx: Context) -> CaseResult:

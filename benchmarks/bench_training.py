@@ -203,7 +203,7 @@ def _one(ctx: Context, cfg: dict[str, Any], tag: str) -> dict[str, Any]:
 
 def plans(quick: bool) -> list[tuple[str, int]]:
     """(preset, epochs) to measure."""
-    return [("tiny", 3), ("small", 2)] if quick else [("tiny", 20), ("small", 8)]
+    return [("tiny", 3), ("small", 2)] if quick else [("tiny", 20), ("small", 5)]
 
 
 def run(ctx: Context) -> CaseResult:

@@ -729,6 +729,11 @@ def render_markdown(record: dict[str, Any], preamble: str = "") -> str:
         ),
         "",
     ]
+    if record.get("fixtures_built_s"):
+        built = ", ".join(f"{k} {v:.0f} s" for k, v in record["fixtures_built_s"].items())
+        lines[-1:-1] = [
+            f"- **Fixtures built in this run** (then cached in benchmarks/.work/cache): {built}"
+        ]
     if preamble:
         lines += [preamble.strip(), ""]
     lines += ["## Summary", "", "| case | status | targets met | time |", "|---|---|---|---|"]
