@@ -450,6 +450,11 @@ class RayBackend:
 
         o = self.options
         env = {k: os.environ[k] for k in _FORWARDED_ENV if k in os.environ}
+        # Ray's own threads (raylet, Serve's controller and replica loops) share
+        # the cores with torch; OpenMP threads spinning at barriers then stall
+        # each other: on 2 cores a 512x512 call took 1.3-4.3 s instead of 0.6 s.
+        # Sleeping instead of spinning costs nothing measurable (see benchmarks).
+        env.setdefault("OMP_WAIT_POLICY", os.environ.get("OMP_WAIT_POLICY", "PASSIVE"))
         if not ray.is_initialized():
             common: dict[str, Any] = {
                 "namespace": "cellpose-finetuning",
