@@ -258,6 +258,7 @@ async def serve(
             "workspace": workspace,
             "service_id": f"{workspace}/{SERVICE_ID}",
             "full_service_id": info["id"],
+            "page_url": stack.page_url if stack else None,
             "user": options.user if user_token else None,
             "token": user_token,
             "data_dir": str(data_dir),
@@ -271,6 +272,7 @@ async def serve(
             f"  server URL : {server_url}\n"
             f"  workspace  : {workspace}\n"
             f"  service id : {workspace}/{SERVICE_ID}\n"
+            + (f"  web page   : {stack.page_url}\n" if stack and stack.page_url else "")
             + (
                 f"  token      : {user_token}   (user '{options.user}'; more users: "
                 f"cellpose-finetuning token --user NAME)\n"

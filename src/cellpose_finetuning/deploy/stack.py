@@ -29,6 +29,7 @@ Layout of ``data_dir``::
     s3/                  SeaweedFS state (data/) and its identities (s3.json, 0600)
     hypha/               SQLite database, Hypha's working directory
     logs/                weed.log, hypha.log
+    web/                 the web page and its config.json, copied at each start
     connection.json      how to connect, while serving (0600)
 """
 
@@ -290,6 +291,8 @@ class StackConfig:
         Seconds after SIGTERM before SIGKILL.
     weed_extra_args, hypha_extra_args : tuple of str
         Appended to each command line (e.g. ``("-volume.max=64",)``).
+    web_page : bool
+        Serve the web page (:mod:`cellpose_finetuning.web`) at ``/cellpose_finetuning/``.
     """
 
     data_dir: Path = field(default_factory=lambda: Path.home() / ".cellpose-finetuning")
@@ -309,6 +312,7 @@ class StackConfig:
     weed_stop_timeout: float = 30.0
     weed_extra_args: tuple[str, ...] = ()
     hypha_extra_args: tuple[str, ...] = ()
+    web_page: bool = True
 
     def __post_init__(self) -> None:
         self.data_dir = Path(self.data_dir)
@@ -408,6 +412,8 @@ class EmbeddedStack:
         self._aborted = False
         self._connection_written = False
         self.started_at: datetime | None = None
+        #: the web page's address once Hypha serves it (see :meth:`_web_mount`)
+        self.page_url: str | None = None
         #: seconds each phase of the last start took (weed, hypha, provision, total)
         self.timings: dict[str, float] = {}
 
@@ -834,12 +840,29 @@ class EmbeddedStack:
             "hypha-workspaces",
             "--database-uri",
             f"sqlite+aiosqlite:///{self.data_dir / 'hypha' / 'hypha-app-database.db'}",
-            *c.hypha_extra_args,
+            *(self._web_mount(c.hypha_extra_args) if c.web_page else c.hypha_extra_args),
         ]
         self._spawn("hypha", cmd, env, self.data_dir / "hypha")
         self._wait_until(
             "hypha", self._http_ok(f"{c.server_url}/health/readiness"), "/health/readiness"
         )
+
+    def _web_mount(self, extra_args: tuple[str, ...]) -> tuple[str, ...]:
+        """Copy the web page into ``data_dir/web`` and add its ``--static-mounts``."""
+        from cellpose_finetuning.web import page_url, prepare_site, static_mount_args
+
+        config = {
+            "service_id": self.service_id,
+            "collection": self.collection_id,
+            "workspace": self.workspace,
+        }
+        try:
+            args = static_mount_args(prepare_site(self.data_dir / "web", config), extra_args)
+        except (OSError, ValueError) as exc:
+            log.warning("the web page is not served: %s", exc)
+            return extra_args
+        self.page_url = page_url(self.server_url)
+        return args
 
     def _run_async(self, func: Callable[[], Coroutine[Any, Any, T]]) -> T:
         """Run a coroutine to completion from sync code, even inside a running loop."""

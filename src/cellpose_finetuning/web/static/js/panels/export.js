@@ -1,0 +1,105 @@
+// 4 · Export & find: export_model with its download link, and
+// list_models_by_dataset.
+
+import { readParams } from "./segment.js";
+import { $, el, formatTime, run, say } from "../ui.js";
+
+const MODEL_NAME = /^[a-z0-9][a-z0-9-]{2,62}$/;
+const PARAMS = {
+  flow_threshold: ["#export-flow", { type: "number", minimum: 0 }],
+  cellprob_threshold: ["#export-cellprob", { type: "number", minimum: -10, maximum: 10 }],
+};
+
+export class ExportPanel {
+  constructor(app) {
+    this.app = app;
+    $("#export-btn").addEventListener("click", () => run($("#export-btn"), $("#export-msg"), () => this.export()));
+    $("#find-btn").addEventListener("click", () => run($("#find-btn"), $("#find-msg"), () => this.find()));
+    app.on("sessions", (list) => this.sessionOptions(list));
+    app.on("datasets", (list) => {
+      $("#find-datasets").replaceChildren(...list.map((ds) => el("option", { value: ds.id })));
+      if (!$("#find-dataset").value && list.length) $("#find-dataset").value = list[0].id;
+    });
+    app.on("export-session", (id) => {
+      $("#export-session").value = id;
+      app.showTab("export");
+    });
+  }
+
+  async start(conn) {
+    this.conn = conn;
+    $("#export-collection").value = conn.config.collection || "";
+  }
+
+  sessionOptions(list) {
+    const select = $("#export-session");
+    const current = select.value;
+    const usable = list.filter((s) => ["completed", "stopped"].includes(s.status_type));
+    select.replaceChildren(
+      ...(usable.length ? [] : [el("option", { value: "" }, "(no completed or stopped session)")]),
+      ...usable.map((s) => el("option", { value: s.session_id }, `${s.session_id} (${s.dataset_artifact_id || ""})`)),
+    );
+    if (usable.some((s) => s.session_id === current)) select.value = current;
+  }
+
+  async export() {
+    const sessionId = $("#export-session").value;
+    const name = $("#export-name").value.trim();
+    if (!sessionId) throw new Error("Choose a completed or stopped session.");
+    if (!MODEL_NAME.test(name)) {
+      $("#export-name").classList.add("invalid");
+      throw new Error(`model name ${JSON.stringify(name)}: use 3-63 lowercase letters, digits and hyphens, starting with a letter or digit. Nothing was sent.`);
+    }
+    $("#export-name").classList.remove("invalid");
+    const args = {
+      session_id: sessionId,
+      model_name: name,
+      checkpoint: $("#export-checkpoint").value,
+      ...readParams(PARAMS),
+    };
+    const collection = $("#export-collection").value.trim();
+    if (collection) args.collection = collection;
+    const license = $("#export-license").value.trim();
+    if (license) args.license = license;
+    const box = $("#export-result");
+    box.replaceChildren();
+    say($("#export-msg"), "Building, validating and uploading the package… (this takes a little while)", "info");
+    const result = await this.conn.call("export_model", args);
+    say($("#export-msg"), `Exported ${result.artifact_id}: a validated BioImage.IO package.`, "ok");
+    box.append(
+      el("p", {},
+        el("a", { id: "export-download", class: "button", href: result.download_url, download: `${name}.zip` }, "Download the package (.zip)"),
+        " ",
+        el("a", { href: result.artifact_url, target: "_blank", rel: "noopener" }, result.artifact_url),
+      ),
+      el("p", { class: "hint" }, `files: ${(result.files || []).join(", ")}`),
+    );
+    const session = this.app.sessions.find((s) => s.session_id === sessionId);
+    if (session?.dataset_artifact_id) $("#find-dataset").value = session.dataset_artifact_id;
+  }
+
+  async find() {
+    const datasetId = $("#find-dataset").value.trim();
+    if (!datasetId) throw new Error("Give a dataset id (workspace/alias).");
+    const args = { dataset_id: datasetId };
+    const collection = $("#export-collection").value.trim();
+    if (collection) args.collection = collection;
+    const models = await this.conn.call("list_models_by_dataset", args);
+    const table = $("#find-table");
+    table.replaceChildren();
+    if (!models.length) {
+      table.append(el("tr", {}, el("td", { class: "hint" }, `No model was trained on ${datasetId}.`)));
+      return;
+    }
+    table.append(el("tr", {}, ...["model", "created", "link"].map((h) => el("th", {}, h))));
+    for (const m of models) {
+      table.append(
+        el("tr", { dataset: { model: m.id } },
+          el("td", {}, m.name),
+          el("td", {}, formatTime(m.created_at)),
+          el("td", {}, el("a", { href: m.url, target: "_blank", rel: "noopener" }, m.id)),
+        ),
+      );
+    }
+  }
+}

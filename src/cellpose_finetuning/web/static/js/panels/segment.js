@@ -1,0 +1,124 @@
+// 3 · Segment: one image, a base model and a fine-tuned session side by side,
+// masks overlaid with their object counts, each downloadable as a TIFF.
+
+import { parseValue } from "../form.js";
+import { readImage, readLabels } from "../images.js";
+import { countObjects, drawOverlay, fromNdarray, imageToRgba, toNdarray } from "../overlay.js";
+import { encodeLabelTiff } from "../tiff.js";
+import { $, downloadLink, el, run } from "../ui.js";
+
+// InferenceSettings' bounds (engine/schemas.py); the service checks them again.
+const PARAMS = {
+  diameter: ["#seg-diameter", { anyOf: [{ type: "number", exclusiveMinimum: 0, maximum: 10000 }, { type: "null" }] }],
+  flow_threshold: ["#seg-flow", { type: "number", minimum: 0 }],
+  cellprob_threshold: ["#seg-cellprob", { type: "number", minimum: -10, maximum: 10 }],
+  niter: ["#seg-niter", { anyOf: [{ type: "integer", minimum: 0, maximum: 10000 }, { type: "null" }] }],
+};
+
+/** Read the threshold fields; throw a readable error naming the first bad one. */
+export function readParams(params) {
+  const out = {};
+  for (const [name, [selector, spec]] of Object.entries(params)) {
+    const input = $(selector);
+    const [value, err] = parseValue(input.value, spec);
+    input.classList.toggle("invalid", Boolean(err));
+    if (err) throw new Error(`${name.replaceAll("_", " ")}: ${err}. Nothing was sent.`);
+    if (value !== null) out[name] = value;
+  }
+  return out;
+}
+
+function stem(name) {
+  return name.replace(/(\.ome)?\.[^.]+$/i, "");
+}
+
+export class SegmentPanel {
+  constructor(app) {
+    this.app = app;
+    $("#seg-run").addEventListener("click", () => run($("#seg-run"), $("#seg-msg"), () => this.segment()));
+    app.on("sessions", (list) => this.sessionOptions(list));
+  }
+
+  async start(conn) {
+    this.conn = conn;
+    const a = $("#seg-model-a");
+    if (conn.anonymous) {
+      a.replaceChildren(el("option", { value: "cpsam" }, "cpsam"));
+      $("#seg-model-b").replaceChildren(el("option", { value: "" }, "log in to use your fine-tuned models"));
+      $("#seg-model-b").disabled = true;
+      return;
+    }
+    await run(null, $("#seg-msg"), async () => {
+      const names = await conn.call("list_pretrained_models");
+      a.replaceChildren(...names.map((n) => el("option", { value: n }, n)));
+    });
+  }
+
+  sessionOptions(list) {
+    const select = $("#seg-model-b");
+    const current = select.value;
+    const usable = list.filter((s) => ["completed", "stopped"].includes(s.status_type));
+    select.replaceChildren(
+      el("option", { value: "" }, usable.length ? "(nothing)" : "(no finished session yet)"),
+      ...usable.map((s) => el("option", { value: s.session_id }, `session ${s.session_id} (${s.model}, ${s.status_type})`)),
+    );
+    if (usable.some((s) => s.session_id === current)) select.value = current;
+    else if (usable.length) select.value = usable[usable.length - 1].session_id;
+  }
+
+  async segment() {
+    const file = $("#seg-image").files[0];
+    if (!file) throw new Error("Choose an image first.");
+    const params = readParams(PARAMS);
+    let image;
+    try {
+      image = await readImage(file);
+    } catch (err) {
+      throw new Error(`${file.name}: ${err.message}`);
+    }
+    const rgba = imageToRgba(image);
+    const results = $("#seg-results");
+    results.replaceChildren();
+    const maskFile = $("#seg-mask").files[0];
+    if (maskFile) {
+      const truth = await readLabels(maskFile);
+      if (truth.width !== image.width || truth.height !== image.height) {
+        throw new Error(`${maskFile.name}: ${truth.height}×${truth.width} differs from the image's ${image.height}×${image.width}`);
+      }
+      results.append(this.figure(rgba, truth.labels, "ground truth", null));
+    } else {
+      results.append(this.figure(rgba, null, "image", null));
+    }
+    const models = [$("#seg-model-a").value, $("#seg-model-b").value].filter(Boolean);
+    for (const model of models) {
+      const placeholder = el("figure", { class: "pending" }, `segmenting with ${model}…`);
+      results.append(placeholder);
+      const out = await this.conn.call("infer", { model, input_arrays: [toNdarray(image)], ...params });
+      const { data, shape } = fromNdarray(out[0].output);
+      if (shape.length !== 2 || shape[0] !== image.height || shape[1] !== image.width) {
+        throw new Error(`the service returned masks of shape (${shape.join(", ")}) for a ${image.height}×${image.width} image`);
+      }
+      const session = this.app.sessions.find((x) => x.session_id === model);
+      const title = session ? `fine-tuned (session ${model})` : model;
+      const fig = this.figure(rgba, data, title, `${stem(file.name)}_${model}_masks.tif`);
+      fig.dataset.model = model;
+      placeholder.replaceWith(fig);
+    }
+  }
+
+  figure(rgba, labels, title, filename) {
+    const canvas = el("canvas");
+    drawOverlay(canvas, rgba, labels);
+    const count = labels ? countObjects(labels) : null;
+    const caption = el("figcaption", {},
+      el("b", {}, title),
+      count === null ? "" : el("span", { class: "count" }, `${count} objects`),
+    );
+    if (filename && labels) {
+      const tiffLabels = labels instanceof Uint16Array || labels instanceof Uint32Array
+        ? labels : Uint32Array.from(labels, Number);
+      caption.append(downloadLink(encodeLabelTiff(tiffLabels, rgba.width, rgba.height), filename, "masks (.tif)", "image/tiff"));
+    }
+    return el("figure", { dataset: { model: title, count: count ?? "" } }, canvas, caption);
+  }
+}
