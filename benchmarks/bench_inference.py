@@ -122,14 +122,14 @@ def worker(cfg: dict[str, Any]) -> None:
         state["calls"] += 1
         before = rss_bytes()
         reset = state["calls"] == cfg["reps"] and _reset_peak()
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         masks = run(image)
-        t = time.perf_counter() - t0
+        t, cpu = time.perf_counter() - t0, time.process_time() - c0
         if reset:
             state["call_peak"] = _hwm_bytes()
             state["before_call"] = before
         state["masks"] = masks
-        return {"time": t}
+        return {"time": t, "cpu": cpu}
 
     def profile() -> dict[str, Any]:
         _, prof = profile_call(lambda: run(image))
@@ -187,10 +187,15 @@ def measure_pair(
             w.read(timeout=600)  # ready: imports, model, image, warm-up done
         order = (first, "ref" if first == "ours" else "ours")
         times: dict[str, list[float]] = {"ours": [], "ref": []}
+        cpu: dict[str, list[float]] = {"ours": [], "ref": []}
         for rep in range(reps):
             for side in order if rep % 2 == 0 else order[::-1]:
-                times[side].append(workers[side].ask("run", timeout=1200)["time"])
-        results: dict[str, dict[str, Any]] = {side: {"times": times[side]} for side in workers}
+                answer = workers[side].ask("run", timeout=1200)
+                times[side].append(answer["time"])
+                cpu[side].append(answer["cpu"])
+        results: dict[str, dict[str, Any]] = {
+            side: {"times": times[side], "cpu": cpu[side]} for side in workers
+        }
         if profile:  # before "done", which ends the worker
             for side, w in workers.items():
                 results[side]["profile"] = w.ask("profile", timeout=1200)["profile"]
@@ -247,6 +252,14 @@ def run(ctx: Context) -> CaseResult:
             f"{'yes' if same else 'NO'}",
         )
         case.rows.append(row)
+        case.rows.append(
+            Row(
+                f"{label}: CPU time per image (user + system, all threads)",
+                "s",
+                summarize(ours["cpu"]),
+                summarize(ref["cpu"]),
+            )
+        )
         case.rows.append(
             Row(
                 f"{label}: peak RSS of the process",

@@ -50,6 +50,7 @@ from common import (
     dev_image,
     emit,
     profile_async,
+    pyspy_summary,
     run_python,
     set_torch_threads,
     summarize,
@@ -229,12 +230,41 @@ async def _fetch(cfg: dict[str, Any], server: Any, stack: Any, work: Path) -> di
         times["presign"].append(time.perf_counter() - t0)
     out: dict[str, Any] = {**times, "n_files": n, "bytes": total_bytes, "upload_s": upload_s}
     if cfg["profile"] or _throughput_ratio(times) < 0.8:
+        out["server_profile"] = await _spy_on_presign(stack, work, presign_only)
         # Where our download's time goes: one more run under cProfile (this
         # process only: the event loop, httpx, hypha-rpc's client side).
         dest = work / "fetch-profile"
         _, out["profile"] = await profile_async(lambda: ours(dest))
         shutil.rmtree(dest, ignore_errors=True)
     return out
+
+
+async def _spy_on_presign(stack: Any, work: Path, presign: Any) -> dict[str, Any] | None:
+    """Where the Hypha server spends the presigning time: py-spy on it (if installed)."""
+    import subprocess
+
+    spy = Path(sys.executable).with_name("py-spy")
+    pid = stack.pids.get("hypha")
+    if not spy.is_file() or not pid:
+        return None
+    out = work / "hypha-presign.txt"
+    proc = subprocess.Popen(
+        [str(spy), "record", "-p", str(pid), "-r", "200", "-f", "raw", "-o", str(out)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        await asyncio.sleep(1.0)  # py-spy attaches
+        await presign()
+    finally:
+        proc.send_signal(signal.SIGINT)  # py-spy writes its file on Ctrl-C
+        try:
+            await asyncio.to_thread(proc.wait, 30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+    if not out.is_file():
+        return None
+    return pyspy_summary(out, keep=("hypha/", "botocore", "aiosqlite", "sqlalchemy"))
 
 
 def _throughput_ratio(times: dict[str, list[float]]) -> float:
@@ -427,6 +457,18 @@ def _result(cfg: dict[str, Any], raw: dict[str, Any]) -> CaseResult:
         "the client share this process and its cores with Hypha, as in the test suite); "
         "large images are better read from an artifact.",
     ]
+    ours_s = summarize(fetch["ours"]).median
+    presign_s = summarize(fetch["presign"]).median
+    raw_s = summarize(fetch["raw"]).median
+    notes.append(
+        f"Dataset fetch: of our {ours_s:.2f} s for {n} files, about {presign_s:.2f} s "
+        f"({presign_s / ours_s:.0%}) is asking Hypha's artifact manager for the presigned "
+        f"URLs ({-(-n // 500)} `get_file` calls of up to 500 paths, {presign_s / n * 1e3:.1f} ms "
+        f"per file, spent in the Hypha server), done before the first download starts; the "
+        f"other {max(0.0, ours_s - presign_s):.2f} s are the 16 concurrent httpx downloads, "
+        f"against {raw_s:.2f} s for boto3 with 16 threads. Presigning alone takes "
+        f"{presign_s / raw_s:.1f}× the whole raw fetch."
+    )
     profiles = []
     if "profile" in fetch:
         profiles.append(
@@ -434,6 +476,29 @@ def _result(cfg: dict[str, Any], raw: dict[str, Any]) -> CaseResult:
                 "label": f"dataset fetch of {n} files, `ArtifactFiles.download` "
                 "(client process only)",
                 **fetch["profile"],
+            }
+        )
+    if ours_s / raw_s > 1.25:
+        notes.append(
+            "What is whose in the fetch: the presigning time is Hypha's. hypha 0.21.137's "
+            "`get_file` sends one S3 HEAD request per path, one after the other, before it "
+            "signs the URL, and creates a new S3 client for every call (botocore reloading "
+            "its JSON models): see the server profile below. Ours is that we wait for all "
+            "URL batches, one call at a time, before the first download starts "
+            "(`ArtifactFiles.download` in data/artifacts.py); asking for the batches "
+            "concurrently and downloading as they arrive would hide most of it, and on the "
+            "embedded stack the service could read S3 directly with the keys it holds."
+        )
+    if "server_profile" in fetch and not fetch["server_profile"]:
+        notes.append(
+            "py-spy is not installed, so the Hypha server was not profiled: "
+            "`.venv/bin/pip install py-spy` and run again to see where presigning goes."
+        )
+    if fetch.get("server_profile"):
+        profiles.append(
+            {
+                "label": f"the Hypha server while it presigns {n} URLs (`get_file` batches)",
+                **fetch["server_profile"],
             }
         )
     return CaseResult(
@@ -448,7 +513,7 @@ def _result(cfg: dict[str, Any], raw: dict[str, Any]) -> CaseResult:
         profiles=profiles,
         details={
             **{k: v for k, v in raw.items() if k != "fetch"},
-            "fetch": {k: v for k, v in fetch.items() if k != "profile"},
+            "fetch": {k: v for k, v in fetch.items() if k not in ("profile", "server_profile")},
             "config": cfg,
         },
     )

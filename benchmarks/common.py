@@ -320,6 +320,41 @@ def summarize_profile(prof: Any, wall: float, *, top: int = 14) -> dict[str, Any
     }
 
 
+def pyspy_summary(raw_path: Path, *, top: int = 16, keep: Sequence[str] = ()) -> dict[str, Any]:
+    """Summarise a ``py-spy record --format raw`` file: the most frequent frames.
+
+    ``keep`` (substrings) limits the inclusive list to frames of interest
+    (e.g. the server's own packages) so that the event loop's frames, which
+    every sample shares, do not crowd them out.
+    """
+    from collections import Counter
+
+    inclusive: Counter[str] = Counter()
+    leaf: Counter[str] = Counter()
+    total = 0
+    for line in raw_path.read_text(errors="replace").splitlines():
+        stack, _, count = line.rpartition(" ")
+        if not stack or not count.isdigit():
+            continue
+        n = int(count)
+        total += n
+        frames = stack.split(";")
+        leaf[frames[-1]] += n
+        for frame in set(frames):
+            inclusive[frame] += n
+    chosen = [(f, c) for f, c in inclusive.most_common() if not keep or any(k in f for k in keep)][
+        :top
+    ]
+    return {
+        "kind": "py-spy",
+        "samples": total,
+        "top_inclusive": [{"share": round(c / total, 4), "frame": f} for f, c in chosen],
+        "top_self": [
+            {"share": round(c / total, 4), "frame": f} for f, c in leaf.most_common(top // 2)
+        ],
+    }
+
+
 # --------------------------------------------------------------------------- rows
 @dataclass
 class Target:
@@ -462,16 +497,24 @@ def worker_env() -> dict[str, str]:
     return env
 
 
+def _children_cpu() -> float:
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
+
+
 def run_python(
     args: Sequence[str], *, timeout: float, log_path: Path
 ) -> tuple[dict[str, Any], float]:
     """Run ``python <args>``; return (the JSON of its last ``{``-line on stdout, wall seconds).
 
     stderr (and the other stdout lines) go to ``log_path``; the wall time
-    covers the whole process, interpreter start to exit.
+    covers the whole process, interpreter start to exit. The JSON gets
+    ``cpu_s``: user + system CPU seconds of the process and the children it
+    waited for (call this from one thread at a time for that figure to hold).
     """
     log_path.parent.mkdir(parents=True, exist_ok=True)
     with open(log_path, "ab") as log:
+        cpu0 = _children_cpu()
         t0 = time.perf_counter()
         proc = subprocess.run(
             [sys.executable, *args],
@@ -482,6 +525,7 @@ def run_python(
             cwd=ROOT,
         )
         wall = time.perf_counter() - t0
+        cpu = _children_cpu() - cpu0
         log.write(proc.stdout)
     lines = [ln for ln in proc.stdout.decode(errors="replace").splitlines() if ln.startswith("{")]
     if proc.returncode != 0 or not lines:
@@ -489,7 +533,9 @@ def run_python(
             f"{' '.join(str(a) for a in args[:2])} exited with {proc.returncode}; "
             f"see {log_path}:\n{tail(log_path)}"
         )
-    return json.loads(lines[-1]), wall
+    result = json.loads(lines[-1])
+    result.setdefault("cpu_s", cpu)
+    return result, wall
 
 
 class LineWorker:
@@ -677,7 +723,24 @@ def _fmt_met(met: bool | None) -> str:
     return {True: "**yes**", False: "**no**", None: "–"}[met]
 
 
+def _pyspy_lines(p: dict[str, Any]) -> list[str]:
+    lines = [
+        "",
+        f"**Profile: {p['label']}** (py-spy, {p['samples']} samples)",
+        "",
+        "```",
+        "share of samples in the frame (inclusive):",
+    ]
+    lines += [f"{r['share']:7.1%}  {r['frame']}" for r in p["top_inclusive"]]
+    lines += ["", "innermost frame (self):"]
+    lines += [f"{r['share']:7.1%}  {r['frame']}" for r in p["top_self"]]
+    lines.append("```")
+    return lines
+
+
 def _profile_lines(p: dict[str, Any]) -> list[str]:
+    if p.get("kind") == "py-spy":
+        return _pyspy_lines(p)
     lines = [
         "",
         f"**Profile: {p['label']}** (cProfile, {p['wall_s']:.2f} s under the profiler)",
