@@ -6,7 +6,7 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: setup test test-slow test-all serve lint format bench clean
+.PHONY: setup test test-slow test-all test-ui serve lint format bench clean
 
 setup: $(STAMP)
 
@@ -24,6 +24,15 @@ test-slow: setup
 
 test-all: setup
 	$(PY) -m pytest -m "slow or not slow"
+
+# Browser tests of the web page (tests/web, marker ui): Playwright (the ui extra) driving
+# Debian's Chromium, installed with apt-get when missing. Screenshots go to docs/screenshots/.
+SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
+test-ui: setup
+	$(PY) -c "import playwright" 2>/dev/null || $(PY) -m pip install --quiet -e ".[ui]"
+	@[ -x /usr/bin/chromium ] || [ -n "$$CHROMIUM" ] || { echo "installing chromium (apt-get)"; \
+		$(SUDO) apt-get update -qq && $(SUDO) apt-get install -y -qq chromium; }
+	CPFT_REQUIRE_UI=1 CPFT_SCREENSHOT_DIR=$(CURDIR)/docs/screenshots $(PY) -m pytest tests/web -m ui
 
 serve: setup
 	$(VENV)/bin/cellpose-finetuning serve $(SERVE_ARGS)
