@@ -46,6 +46,14 @@ def cpu_cores() -> int:
 THREADS = int(os.environ.get("BENCH_THREADS", "0")) or cpu_cores()
 
 
+#: OpenMP wait policy of every worker, ours and the reference alike
+#: (``BENCH_OMP_WAIT_POLICY``; empty keeps the library default). On a shared
+#: 2-core machine the default, spinning, threads made the same 512² eval take
+#: anywhere from 0.4 to 7.7 s while other processes ran; PASSIVE kept it within
+#: a few per cent. It applies to both sides, so ratios stay fair.
+OMP_WAIT_POLICY = os.environ.get("BENCH_OMP_WAIT_POLICY", "PASSIVE")
+
+
 def set_torch_threads() -> None:
     """Give torch exactly :data:`THREADS` CPU threads (call it in every worker)."""
     import torch
@@ -129,6 +137,7 @@ def machine_info() -> dict[str, Any]:
         "cpu_model": cpu_model,
         "cores": cpu_cores(),
         "torch_threads": THREADS,
+        "omp_wait_policy": OMP_WAIT_POLICY or "default",
         "cpu_flags": sorted(flags & {"avx2", "avx512f", "avx512_bf16", "amx_bf16", "fma"}),
         "memory_gib": mem_gib,
         "os": f"{platform.system()} {platform.release()}",
@@ -181,6 +190,8 @@ def machine_line(info: dict[str, Any]) -> str:
     gpu = info.get("gpu") or "no GPU"
     flags = f" ({', '.join(info['cpu_flags'])})" if info.get("cpu_flags") else ""
     threads = f", torch threads {info['torch_threads']}" if info.get("torch_threads") else ""
+    if info.get("omp_wait_policy"):
+        threads += f" (OMP_WAIT_POLICY {info['omp_wait_policy']})"
     return (
         f"{info['cpu_model']}{flags}, {info['cores']} cores{threads}, "
         f"{info['memory_gib']} GiB RAM, {gpu}"
@@ -493,6 +504,9 @@ def worker_env() -> dict[str, str]:
     env = dict(os.environ)
     env.setdefault("MPLBACKEND", "Agg")
     env["BENCH_THREADS"] = str(THREADS)
+    if OMP_WAIT_POLICY:
+        env["OMP_WAIT_POLICY"] = OMP_WAIT_POLICY
+    env["BENCH_OMP_WAIT_POLICY"] = OMP_WAIT_POLICY
     env["PYTHONPATH"] = os.pathsep.join(p for p in (str(BENCH_DIR), env.get("PYTHONPATH", "")) if p)
     return env
 

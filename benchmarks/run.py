@@ -52,7 +52,9 @@ from common import (  # noqa: E402
 PREAMBLE = """
 How it is measured: every side runs in a fresh Python process of its own (training:
 one per repetition; inference: one per image and side, alive together and taking
-turns), with the same torch thread count, the same network file and the same input.
+turns), with the same torch thread count, the same network file and the same input,
+and OMP_WAIT_POLICY=PASSIVE (on a shared machine spinning OpenMP threads made timings
+vary tenfold; `BENCH_OMP_WAIT_POLICY=` keeps the default).
 Repetitions alternate or rotate which side goes first, so that drifting load on a
 shared machine hits all sides alike. Where a target is missed the case profiles one
 more run of each side with cProfile and shows the top of it below its table
