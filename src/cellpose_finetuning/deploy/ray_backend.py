@@ -33,11 +33,9 @@ requests wait at the replica (so Serve's autoscaler sees the backlog).
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import logging
 import os
-from collections import deque
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -46,9 +44,10 @@ from typing import Any
 import numpy as np
 
 from cellpose_finetuning.engine.inference import LocalInference, ModelRef
+from cellpose_finetuning.engine.queue import SessionQueue
 from cellpose_finetuning.engine.schemas import InferenceSettings
 from cellpose_finetuning.engine.sessions import Session
-from cellpose_finetuning.errors import CellposeFinetuningError, InvalidInput, ResourceLimit
+from cellpose_finetuning.errors import CellposeFinetuningError, InvalidInput
 
 __all__ = [
     "InferenceReplica",
@@ -250,8 +249,11 @@ def _train_in_ray(session_dir: str, resume: bool, num_threads: int | None) -> st
     return Session(session_dir).read_status(reconcile=False).status_type
 
 
-class RayTrainingQueue:
+class RayTrainingQueue(SessionQueue):
     """The service's training executor on Ray: one Ray task per session.
+
+    A task that dies without a final status (node lost, OOM kill) leaves its
+    session ``failed`` with its last checkpoint.
 
     Parameters
     ----------
@@ -274,20 +276,15 @@ class RayTrainingQueue:
         num_gpus: float = 0.0,
         num_threads: int | None = None,
     ) -> None:
-        self.max_concurrent = max_concurrent
-        self.max_queued = max_queued
+        super().__init__(max_concurrent, max_queued, label="Ray training queue")
+        self.run_name = "Ray training task"
         self.num_cpus = num_cpus
         self.num_gpus = num_gpus
         self.num_threads = num_threads
-        self._pending: deque[tuple[Session, bool]] = deque()
-        self._running: dict[str, tuple[Session, Any]] = {}
-        self._wakeup = asyncio.Event()
-        self._task: asyncio.Task[None] | None = None
         self._remote: Any = None
-        self._watchers: dict[str, asyncio.Task[None]] = {}
 
     def start(self) -> None:
-        """Start dispatching (call from a running event loop)."""
+        """Define the Ray task, then start dispatching."""
         import ray
 
         self._remote = ray.remote(
@@ -296,116 +293,17 @@ class RayTrainingQueue:
             max_calls=1,  # a fresh process per run: no state or GPU memory carried over
             max_retries=0,  # a crashed run is reported, then continued on request
         )(_train_in_ray)
-        if self._task is None:
-            self._task = asyncio.get_running_loop().create_task(self._dispatch())
+        super().start()
 
-    async def close(self) -> None:
-        """Stop dispatching; running sessions are asked to stop and awaited (60 s)."""
-        if self._task:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
-            self._task = None
-        for session, _ref in self._running.values():
-            session.request_stop()
-        refs = [ref for _s, ref in self._running.values()]
-        if refs:
-            import ray
+    def _launch(self, session: Session, resume: bool) -> Any:
+        session.update_status(status_type="preparing", message="Starting the training task on Ray")
+        return self._remote.remote(str(session.path), resume, self.num_threads)
 
-            await asyncio.to_thread(ray.wait, refs, num_returns=len(refs), timeout=60)
+    async def _join(self, handle: Any) -> None:
+        await handle
 
-    def submit(self, session: Session, *, resume: bool = False) -> None:
-        """Queue a session; refuse it when the queue is full."""
-        if len(self._pending) >= self.max_queued:
-            session.update_status(
-                status_type="failed", message="Refused: the training queue is full"
-            )
-            raise ResourceLimit(
-                f"the training queue is full ({self.max_queued} sessions wait); try later"
-            )
-        self._pending.append((session, resume))
-        self._update_positions()
-        self._wakeup.set()
-
-    def cancel(self, session_id: str) -> bool:
-        """Remove a waiting session from the queue; True if it was queued."""
-        for item in list(self._pending):
-            if item[0].id == session_id:
-                self._pending.remove(item)
-                self._update_positions()
-                return True
-        return False
-
-    def is_running(self, session_id: str) -> bool:
-        """Whether a Ray task trains this session now."""
-        return session_id in self._running
-
-    def is_queued(self, session_id: str) -> bool:
-        """Whether the session waits in the queue."""
-        return any(s.id == session_id for s, _ in self._pending)
-
-    @property
-    def running(self) -> list[str]:
-        """Ids of running sessions."""
-        return list(self._running)
-
-    def _update_positions(self) -> None:
-        for pos, (session, _) in enumerate(self._pending, start=1):
-            with contextlib.suppress(Exception):
-                session.update_status(
-                    status_type="waiting",
-                    message=f"Waiting in the Ray training queue: position {pos} "
-                    f"({len(self._running)} running)",
-                )
-
-    async def _dispatch(self) -> None:
-        while True:
-            await self._wakeup.wait()
-            self._wakeup.clear()
-            while self._pending and len(self._running) < self.max_concurrent:
-                session, resume = self._pending.popleft()
-                try:
-                    session.update_status(
-                        status_type="preparing", message="Starting the training task on Ray"
-                    )
-                    ref = self._remote.remote(str(session.path), resume, self.num_threads)
-                except Exception as exc:  # one bad session must not stop the queue
-                    log.exception("could not start %s on Ray", session.id)
-                    session.update_status(status_type="failed", message=f"Could not start: {exc}")
-                    continue
-                self._running[session.id] = (session, ref)
-                self._watchers[session.id] = asyncio.get_running_loop().create_task(
-                    self._watch(session, ref)
-                )
-                self._update_positions()
-
-    async def wait(self, session_id: str) -> None:
-        """Wait until the session's current run has ended (no-op when none runs)."""
-        task = self._watchers.get(session_id)
-        if task is not None:
-            await asyncio.shield(task)
-
-    async def _watch(self, session: Session, ref: Any) -> None:
-        try:
-            await ref
-        except Exception as exc:
-            # The task died without writing a final status (node lost, OOM kill...).
-            cause = _unwrap(exc)
-            status = session.read_status(reconcile=False)
-            if status.status_type not in ("completed", "failed", "stopped"):
-                epoch = (status.current_epoch or 0) + 1
-                session.update_status(
-                    status_type="failed",
-                    message=f"The Ray training task ended unexpectedly during epoch {epoch} "
-                    f"({type(cause).__name__}). Weights of the last saved checkpoint are kept; "
-                    "continue the session to train further.",
-                    worker_pid=None,
-                )
-        finally:
-            self._running.pop(session.id, None)
-            self._watchers.pop(session.id, None)
-            self._update_positions()
-            self._wakeup.set()
+    def _cause(self, exc: BaseException) -> BaseException:
+        return _unwrap(exc)
 
 
 # --------------------------------------------------------------------------- backend

@@ -11,13 +11,13 @@ import asyncio
 import contextlib
 import logging
 from collections import deque
-from collections.abc import Awaitable, Callable
-from typing import Protocol
+from typing import Any, Protocol
 
 from cellpose_finetuning.engine.sessions import Session
 from cellpose_finetuning.engine.training import TrainingWorker, start_worker
+from cellpose_finetuning.errors import ResourceLimit
 
-__all__ = ["TrainingExecutor", "TrainingQueue"]
+__all__ = ["SessionQueue", "TrainingExecutor", "TrainingQueue"]
 
 log = logging.getLogger(__name__)
 
@@ -54,45 +54,91 @@ class TrainingExecutor(Protocol):
         ...
 
 
-class TrainingQueue:
-    """Run queued sessions in worker processes.
+class SessionQueue:
+    """A bounded queue of sessions, run a few at a time by a subclass's launcher.
+
+    Subclasses say how a run starts (:meth:`_launch`, returning a handle)
+    and how to wait for it (:meth:`_join`); the queue keeps positions in
+    the status messages, limits concurrency and the number of waiting
+    sessions, and marks a session ``failed`` when its run dies without
+    saying so (:meth:`_on_crash`).
 
     Parameters
     ----------
     max_concurrent : int
-        Trainings that may run at once (one per GPU is sensible).
-    num_threads : int, optional
-        Torch CPU threads per worker.
+        Runs at once.
+    max_queued : int, optional
+        Sessions that may wait; ``submit`` refuses more (no limit by default).
+    label : str
+        How the status messages name the queue.
     """
 
-    def __init__(self, max_concurrent: int = 1, num_threads: int | None = None) -> None:
+    def __init__(
+        self, max_concurrent: int = 1, max_queued: int | None = None, label: str = "training queue"
+    ) -> None:
         self.max_concurrent = max_concurrent
-        self.num_threads = num_threads
+        self.max_queued = max_queued
+        self.label = label
+        self.run_name = "training run"
         self._pending: deque[tuple[Session, bool]] = deque()
-        self._running: dict[str, TrainingWorker] = {}
+        self._running: dict[str, tuple[Session, Any]] = {}
+        self._watchers: dict[str, asyncio.Task[None]] = {}
         self._wakeup = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
-        self._done_callbacks: list[Callable[[Session], Awaitable[None] | None]] = []
 
+    # ------------------------------------------------------------------ subclass hooks
+    def _launch(self, session: Session, resume: bool) -> Any:
+        """Start the session's run; return a handle for :meth:`_join`."""
+        raise NotImplementedError
+
+    async def _join(self, handle: Any) -> None:
+        """Wait until the run behind ``handle`` has ended."""
+        raise NotImplementedError
+
+    def _cause(self, exc: BaseException) -> BaseException:
+        """The error to name when a run crashed (subclasses unwrap their framework's)."""
+        return exc
+
+    def _on_crash(self, session: Session, exc: BaseException) -> None:
+        """The run raised instead of ending: record it unless it already did."""
+        status = session.read_status(reconcile=False)
+        if status.status_type not in ("completed", "failed", "stopped"):
+            session.update_status(
+                status_type="failed",
+                message=f"The {self.run_name} ended unexpectedly during epoch "
+                f"{(status.current_epoch or 0) + 1} ({type(self._cause(exc)).__name__}). "
+                "Weights of the last saved checkpoint are kept; continue the session to "
+                "train further.",
+                worker_pid=None,
+            )
+
+    # ------------------------------------------------------------------ executor API
     def start(self) -> None:
         """Start dispatching (call from a running event loop)."""
         if self._task is None:
             self._task = asyncio.get_running_loop().create_task(self._dispatch())
 
-    async def close(self) -> None:
-        """Stop dispatching. Running workers are asked to stop and waited for."""
+    async def close(self, timeout: float = 60) -> None:
+        """Stop dispatching; running sessions are asked to stop and waited for."""
         if self._task:
             self._task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._task
             self._task = None
-        for worker in list(self._running.values()):
-            worker.session.request_stop()
-        for worker in list(self._running.values()):
-            await asyncio.to_thread(worker.wait, 60)
+        for session, _handle in list(self._running.values()):
+            session.request_stop()
+        if self._watchers:
+            await asyncio.wait(list(self._watchers.values()), timeout=timeout)
 
     def submit(self, session: Session, *, resume: bool = False) -> None:
-        """Queue a session (in state ``waiting``)."""
+        """Queue a session (in state ``waiting``); refuse it when the queue is full."""
+        if self.max_queued is not None and len(self._pending) >= self.max_queued:
+            session.update_status(
+                status_type="failed", message=f"Refused: the {self.label} is full"
+            )
+            raise ResourceLimit(
+                f"the {self.label} is full ({self.max_queued} sessions wait); try later"
+            )
         self._pending.append((session, resume))
         self._update_positions()
         self._wakeup.set()
@@ -107,7 +153,7 @@ class TrainingQueue:
         return False
 
     def is_running(self, session_id: str) -> bool:
-        """Whether a worker currently runs this session."""
+        """Whether the session is training now."""
         return session_id in self._running
 
     def is_queued(self, session_id: str) -> bool:
@@ -119,12 +165,19 @@ class TrainingQueue:
         """Ids of running sessions."""
         return list(self._running)
 
+    async def wait(self, session_id: str) -> None:
+        """Wait until the session's current run has ended (no-op when none runs)."""
+        task = self._watchers.get(session_id)
+        if task is not None:
+            await asyncio.shield(task)
+
+    # ------------------------------------------------------------------ internals
     def _update_positions(self) -> None:
         for pos, (session, _) in enumerate(self._pending, start=1):
             with contextlib.suppress(Exception):
                 session.update_status(
                     status_type="waiting",
-                    message=f"Waiting in the training queue: position {pos} "
+                    message=f"Waiting in the {self.label}: position {pos} "
                     f"({len(self._running)} running)",
                 )
 
@@ -135,19 +188,47 @@ class TrainingQueue:
             while self._pending and len(self._running) < self.max_concurrent:
                 session, resume = self._pending.popleft()
                 try:
-                    worker = start_worker(session, resume=resume, num_threads=self.num_threads)
+                    handle = self._launch(session, resume)
                 except Exception as exc:  # never let one session stop the queue
                     log.exception("could not start %s", session.id)
                     session.update_status(status_type="failed", message=f"Could not start: {exc}")
                     continue
-                self._running[session.id] = worker
-                asyncio.get_running_loop().create_task(self._watch(worker))
+                self._running[session.id] = (session, handle)
+                self._watchers[session.id] = asyncio.get_running_loop().create_task(
+                    self._watch(session, handle)
+                )
                 self._update_positions()
 
-    async def _watch(self, worker: TrainingWorker) -> None:
+    async def _watch(self, session: Session, handle: Any) -> None:
         try:
-            await asyncio.to_thread(worker.wait)
+            await self._join(handle)
+        except Exception as exc:
+            self._on_crash(session, exc)
         finally:
-            self._running.pop(worker.session.id, None)
+            self._running.pop(session.id, None)
+            self._watchers.pop(session.id, None)
             self._update_positions()
             self._wakeup.set()
+
+
+class TrainingQueue(SessionQueue):
+    """Run queued sessions in local worker processes.
+
+    Parameters
+    ----------
+    max_concurrent : int
+        Trainings that may run at once (one per GPU is sensible).
+    num_threads : int, optional
+        Torch CPU threads per worker.
+    """
+
+    def __init__(self, max_concurrent: int = 1, num_threads: int | None = None) -> None:
+        super().__init__(max_concurrent)
+        self.num_threads = num_threads
+
+    def _launch(self, session: Session, resume: bool) -> TrainingWorker:
+        return start_worker(session, resume=resume, num_threads=self.num_threads)
+
+    async def _join(self, handle: TrainingWorker) -> None:
+        # A worker that dies without a final status is reconciled by read_status.
+        await asyncio.to_thread(handle.wait)
