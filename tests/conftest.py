@@ -88,3 +88,23 @@ def forge_tiff_size(path, height: int, width: int) -> None:
     for (offset, dtype), value in zip(fields, (height, width), strict=True):
         struct.pack_into("<H" if dtype == 3 else "<I", data, offset, value)
     path.write_bytes(bytes(data))
+
+
+async def follow_status(svc, session_id: str, done=None, interval: float = 0.5, timeout=600):
+    """Poll a service's ``get_training_status`` until ``done(status)``.
+
+    Returns the last status and every status seen (RPC status has no events).
+    """
+    import asyncio
+    import time
+
+    done = done or (lambda st: st["status_type"] in ("completed", "failed"))
+    deadline = time.monotonic() + timeout
+    seen = []
+    while time.monotonic() < deadline:
+        status = await svc.get_training_status(session_id)
+        seen.append(status)
+        if done(status):
+            return status, seen
+        await asyncio.sleep(interval)
+    raise TimeoutError(f"session {session_id} not done within {timeout} s: {seen[-1]}")

@@ -888,17 +888,17 @@ def remote(
     ctx.obj = {"server_url": server_url, "token": token, "service_id": service_id}
 
 
-def _remote_run(ctx: click.Context, body: Callable[[Any, Any], Any]) -> Any:
+def _run_connected(
+    open_connection: Callable[[], Any], body: Callable[..., Any], with_service: bool
+) -> Any:
+    """Open a connection, run ``body`` on it, close it; remote errors become one line."""
     import asyncio
 
-    from cellpose_finetuning.client import connect
-
     async def go() -> Any:
-        server, svc = await connect(
-            ctx.obj["server_url"], token=ctx.obj["token"], service_id=ctx.obj["service_id"]
-        )
+        opened = await open_connection()
+        server = opened[0] if with_service else opened
         try:
-            return await body(server, svc)
+            return await (body(*opened) if with_service else body(server))
         finally:
             await server.disconnect()
 
@@ -908,6 +908,17 @@ def _remote_run(ctx: click.Context, body: Callable[[Any, Any], Any]) -> Any:
         if isinstance(exc, click.ClickException | CellposeFinetuningError):
             raise
         raise click.ClickException(_remote_message(exc)) from None
+
+
+def _remote_run(ctx: click.Context, body: Callable[[Any, Any], Any]) -> Any:
+    from cellpose_finetuning.client import connect
+
+    def open_connection() -> Any:
+        return connect(
+            ctx.obj["server_url"], token=ctx.obj["token"], service_id=ctx.obj["service_id"]
+        )
+
+    return _run_connected(open_connection, body, with_service=True)
 
 
 def _remote_message(exc: Exception) -> str:
@@ -1201,26 +1212,12 @@ def bioengine_group(
 
 
 def _bioengine_run(ctx: click.Context, body: Callable[[Any], Any]) -> Any:
-    import asyncio
-
     from hypha_rpc import connect_to_server
 
-    async def go() -> Any:
-        config = {"server_url": ctx.obj["server_url"], "token": ctx.obj["token"]}
-        if ctx.obj["workspace"]:
-            config["workspace"] = ctx.obj["workspace"]
-        server = await connect_to_server(config)
-        try:
-            return await body(server)
-        finally:
-            await server.disconnect()
-
-    try:
-        return asyncio.run(go())
-    except Exception as exc:
-        if isinstance(exc, click.ClickException | CellposeFinetuningError):
-            raise
-        raise click.ClickException(_remote_message(exc)) from None
+    config = {"server_url": ctx.obj["server_url"], "token": ctx.obj["token"]}
+    if ctx.obj["workspace"]:
+        config["workspace"] = ctx.obj["workspace"]
+    return _run_connected(lambda: connect_to_server(config), body, with_service=False)
 
 
 _APP_DIR = click.option(

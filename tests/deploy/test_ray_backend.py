@@ -22,6 +22,7 @@ from cellpose_finetuning.deploy.ray_backend import RayOptions, replica_actors
 from cellpose_finetuning.engine.inference import LocalInference, ModelRef
 from cellpose_finetuning.engine.schemas import InferenceSettings
 from cellpose_finetuning.io.images import read_image
+from tests.conftest import follow_status
 
 pytestmark = pytest.mark.stack
 
@@ -119,13 +120,8 @@ async def test_quick_start_runs_unchanged_on_the_ray_backend(carol, dev_data, ra
         learning_rate=1e-3,
     )
     session_id = session_status["session_id"]
-    messages = set()
-    while True:
-        status = await cellpose_service.get_training_status(session_id)
-        messages.add(status["message"])
-        if status["status_type"] in ("completed", "failed"):
-            break
-        await asyncio.sleep(0.5)
+    status, history = await follow_status(cellpose_service, session_id)
+    messages = {st["message"] for st in history}
     assert status["status_type"] == "completed", status["message"]
     assert len(status["train_losses"]) == 2 and len(status["test_metrics"]) == 2
     assert status["instance_metrics"]["n_true"] > 0
@@ -178,7 +174,7 @@ async def test_a_replica_killed_mid_call_is_retried_on_the_other(carol, ray_serv
     for result in results:
         np.testing.assert_array_equal(result[0]["output"], expected)
     # Serve replaces the killed replica; the service keeps answering.
-    result = await svc.infer(model="tiny", input_arrays=[test_image])
+    result = await svc.infer(model="tiny", input_arrays=[image])
     np.testing.assert_array_equal(result[0]["output"], expected)
 
 
@@ -197,26 +193,21 @@ async def test_a_training_task_killed_mid_run_fails_clearly_and_continues(
         learning_rate=1e-3,
     )
     session_id = status["session_id"]
-    while True:  # until an epoch is done, so a checkpoint exists
-        status = await svc.get_training_status(session_id)
-        if status["status_type"] == "running" and len(status["train_losses"]) >= 1:
-            break
-        assert status["status_type"] not in ("failed", "completed"), status["message"]
-        await asyncio.sleep(0.3)
+    status, _ = await follow_status(  # until an epoch is done, so a checkpoint exists
+        svc,
+        session_id,
+        lambda st: st["train_losses"] or st["status_type"] in ("completed", "failed"),
+        0.3,
+    )
+    assert status["status_type"] == "running", status["message"]
     recorded = json.loads((ray_service / "sessions" / session_id / "status.json").read_text())
     os.kill(recorded["worker_pid"], signal.SIGKILL)  # the Ray worker process of the task
-    while True:
-        status = await svc.get_training_status(session_id)
-        if status["status_type"] != "running":
-            break
-        await asyncio.sleep(0.3)
+    status, _ = await follow_status(svc, session_id, lambda st: st["status_type"] != "running")
     assert status["status_type"] == "failed"
     assert "ended unexpectedly" in status["message"]
     done = len(status["train_losses"])
     assert done >= 1
-    status = await svc.restart_training(session_id=session_id, n_epochs=1)
-    while status["status_type"] not in ("completed", "failed"):
-        await asyncio.sleep(0.5)
-        status = await svc.get_training_status(session_id)
+    await svc.restart_training(session_id=session_id, n_epochs=1)
+    status, _ = await follow_status(svc, session_id)
     assert status["status_type"] == "completed", status["message"]
     assert len(status["train_losses"]) >= done + 1

@@ -9,6 +9,7 @@ import pytest
 import tifffile
 
 from cellpose_finetuning.client import follow, upload_folder
+from tests.conftest import follow_status
 
 pytestmark = pytest.mark.stack
 
@@ -65,14 +66,8 @@ async def trained(alice, dataset):
         learning_rate=1e-3,
     )
     session_id = session_status["session_id"]
-    seen = set()
-    while True:
-        status = await cellpose_service.get_training_status(session_id)
-        seen.add(status["status_type"])
-        if status["status_type"] in ("completed", "failed"):
-            break
-        await asyncio.sleep(0.5)
-    return session_id, status, seen
+    status, history = await follow_status(cellpose_service, session_id)
+    return session_id, status, {st["status_type"] for st in history}
 
 
 async def test_quick_start_infer_on_arrays(alice):
