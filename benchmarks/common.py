@@ -319,8 +319,13 @@ def summarize_profile(prof: Any, wall: float, *, top: int = 14) -> dict[str, Any
             "cumtime": round(r[3], 4),
         }
 
-    by_cum = sorted(rows, key=lambda r: -r[3])
+    # Imports and the profiled lambda itself crowd the top without saying anything.
+    noise = ("<frozen importlib", "builtins.exec", "builtins.__import__", "<lambda>")
+    by_cum = sorted(
+        (r for r in rows if not any(n in _where(r[0]) for n in noise)), key=lambda r: -r[3]
+    )
     by_self = sorted(rows, key=lambda r: -r[2])
+    ours = [r for r in by_cum if "cellpose_finetuning" in r[0][0]]
     return {
         "wall_s": round(wall, 3),
         "self_time_by_library": {
@@ -328,7 +333,23 @@ def summarize_profile(prof: Any, wall: float, *, top: int = 14) -> dict[str, Any
         },
         "top_cumulative": [fmt(r) for r in by_cum[:top]],
         "top_self": [fmt(r) for r in by_self[: top // 2 + 2]],
+        "top_ours": [fmt(r) for r in ours[: top // 2 + 2]],
     }
+
+
+def profile_difference(ours: dict[str, Any], ref: dict[str, Any]) -> str:
+    """One sentence: where a profiled run of ours spent more time than the reference's."""
+    a, b = ours["self_time_by_library"], ref["self_time_by_library"]
+    extra = sorted(
+        ((lib, a.get(lib, 0.0) - b.get(lib, 0.0)) for lib in set(a) | set(b)),
+        key=lambda kv: -kv[1],
+    )
+    shown = ", ".join(f"{lib} {d:+.2f} s" for lib, d in extra if abs(d) >= 0.05) or "none"
+    return (
+        f"under cProfile ours took {ours['wall_s']:.2f} s, the reference "
+        f"{ref['wall_s']:.2f} s ({ours['wall_s'] - ref['wall_s']:+.2f} s); self time by "
+        f"library, ours − reference: {shown}"
+    )
 
 
 def pyspy_summary(raw_path: Path, *, top: int = 16, keep: Sequence[str] = ()) -> dict[str, Any]:
@@ -772,6 +793,12 @@ def _profile_lines(p: dict[str, Any]) -> list[str]:
     lines += ["", "top self time:"]
     for r in p["top_self"]:
         lines.append(f"{r['cumtime']:8.3f} {r['tottime']:8.3f} {r['ncalls']:>8}  {r['function']}")
+    if p.get("top_ours"):
+        lines += ["", "ours (cellpose_finetuning) by cumulative time:"]
+        for r in p["top_ours"]:
+            lines.append(
+                f"{r['cumtime']:8.3f} {r['tottime']:8.3f} {r['ncalls']:>8}  {r['function']}"
+            )
     lines.append("```")
     return lines
 
