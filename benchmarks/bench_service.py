@@ -229,7 +229,15 @@ async def _fetch(cfg: dict[str, Any], server: Any, stack: Any, work: Path) -> di
             t0 = time.perf_counter()
             await presign_only()
             times["presign"].append(time.perf_counter() - t0)
-    out: dict[str, Any] = {**times, "n_files": n, "bytes": total_bytes, "upload_s": upload_s}
+    import importlib.util
+
+    out: dict[str, Any] = {
+        **times,
+        "n_files": n,
+        "bytes": total_bytes,
+        "upload_s": upload_s,
+        "sniffio": importlib.util.find_spec("sniffio") is not None,
+    }
     if cfg["profile"] or _throughput_ratio(times) < 0.8:
         out["server_profile"] = await _spy_on_presign(stack, work, presign_only)
         # Where our download's time goes: one more run under cProfile (this
@@ -451,12 +459,14 @@ def _result(cfg: dict[str, Any], raw: dict[str, Any]) -> CaseResult:
         ),
     ]
     array_extra = summarize(inf["array"]).median - engine.median
+    artifact_extra = summarize(inf["artifact"]).median - engine.median
     notes = [
-        f"Sending the {inf['image_bytes'] / mib:.0f} MiB image and receiving "
+        f"infer: sending the {inf['image_bytes'] / mib:.0f} MiB image and receiving "
         f"{inf['mask_bytes'] / mib:.0f} MiB of labels through hypha-rpc adds "
-        f"{array_extra:.2f} s to the engine's {engine.median:.2f} s (the service and "
-        "the client share this process and its cores with Hypha, as in the test suite); "
-        "large images are better read from an artifact.",
+        f"{array_extra:+.2f} s to the engine's {engine.median:.2f} s; reading the image "
+        f"from the artifact instead (presigned download, TIFF decode) adds "
+        f"{artifact_extra:+.2f} s. The service and the client share this process and its "
+        "cores with Hypha and SeaweedFS, as in the test suite.",
     ]
     ours_s = summarize(fetch["ours"]).median
     presign_s = summarize(fetch["presign"]).median
@@ -489,6 +499,13 @@ def _result(cfg: dict[str, Any], raw: dict[str, Any]) -> CaseResult:
             "(`ArtifactFiles.download` in data/artifacts.py); asking for the batches "
             "concurrently and downloading as they arrive would hide most of it, and on the "
             "embedded stack the service could read S3 directly with the keys it holds."
+        )
+    if fetch.get("sniffio") is False and "profile" in fetch:
+        notes.append(
+            "Client side: httpcore 1.0.9 runs `import sniffio` inside "
+            "`current_async_library()` on every request, and sniffio is not installed "
+            "here, so every request pays a failed import that searches sys.path (the "
+            "`find_spec` and `posix.stat` calls in the client profile below)."
         )
     if "server_profile" in fetch and not fetch["server_profile"]:
         notes.append(

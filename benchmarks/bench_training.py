@@ -342,7 +342,8 @@ def _rows(preset: str, n_epochs: int, runs: dict) -> list[Row]:
             "s",
             summarize(_col(eng0, "cpu_s")),
             summarize(_col(ref0, "cpu_s")),
-            note="less sensitive than wall time to other load on a shared machine",
+            note="the CPU the process (and its worker) used; other processes' load adds "
+            "little to it",
         ),
         Row(
             f"{label}, no validation, engine: in-process time (after `import torch`)",
