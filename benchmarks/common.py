@@ -827,6 +827,15 @@ def render_markdown(record: dict[str, Any], preamble: str = "") -> str:
         f"- **Run:** {record['date']}, {record['duration_s'] / 60:.1f} min in all"
         + (" (**--quick**: tiny sizes, 1–2 repetitions)" if record.get("quick") else "")
         + (
+            "; cases "
+            + ", ".join(sorted({c["id"] for c in record["cases"]} - set(record["cases_run"])))
+            + " merged from an earlier run ("
+            + "; ".join(str(p) for p in record["merged"])
+            + "), with their own durations below"
+            if record.get("merged") and {c["id"] for c in record["cases"]} - {*record["cases_run"]}
+            else ""
+        )
+        + (
             f"; load average at the start {m['load_average_at_start'][0]:.2f}"
             if m.get("load_average_at_start")
             else ""

@@ -165,6 +165,7 @@ def main(argv: list[str] | None = None) -> int:
     log(f"Machine: {machine['cpu_model']}, {machine['cores']} cores, GPU: {machine['gpu']}")
     merged = _merged(args.merge)
     results = []
+    ran = [n for n in names if n not in merged]
     for name in names:
         if name in merged:
             log(f"== {name}: merged from {', '.join(map(str, args.merge))}")
@@ -183,7 +184,7 @@ def main(argv: list[str] | None = None) -> int:
         "date": started.isoformat(timespec="seconds"),
         "git_commit": git_commit(),
         "quick": args.quick,
-        "cases_run": names,
+        "cases_run": ran,
         "merged": [str(p) for p in args.merge],
         "duration_s": round(time.perf_counter() - t0, 1),
         "fixtures_built_s": {k: round(v, 1) for k, v in fixtures.BUILT.items()},
