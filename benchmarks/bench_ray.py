@@ -96,7 +96,6 @@ def worker(cfg: dict[str, Any]) -> None:
                 torch_threads=max(1, THREADS // replicas),
                 app_name=f"bench-{replicas}",
             ),
-            Path(cfg["work_dir"]),
         )
         t0 = time.perf_counter()
         backend.start()
@@ -154,7 +153,6 @@ def run(ctx: Context) -> CaseResult:
         "reps": ctx.reps(30, 5),
         "bursts": ctx.reps(3, 1),
         "concurrent": 20,
-        "work_dir": str(ctx.work_dir / "ray"),
     }
     # Both sides sleep at OpenMP barriers instead of spinning, as RayBackend
     # sets for its replicas: with Ray's own processes on the same cores a

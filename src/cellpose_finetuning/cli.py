@@ -793,7 +793,6 @@ def serve(
             training_gpus=training_gpus,
             max_queued_trainings=max_queued_trainings,
         )
-        ray_options.validate()
     stack = StackConfig(
         data_dir=data_dir,
         hypha_port=hypha_port,
@@ -1276,12 +1275,7 @@ def _deploy(ctx: click.Context, redeploy: bool, application_id: str | None, **kw
     from cellpose_finetuning.deploy.bioengine import deploy_app, read_manifest
 
     app_kwargs = {
-        k: v
-        for k, v in (
-            ("max_concurrent_trainings", kw["max_concurrent_trainings"]),
-            ("training_on_ray", kw["training_on_ray"]),
-        )
-        if v is not None
+        k: kw[k] for k in ("max_concurrent_trainings", "training_on_ray") if kw[k] is not None
     }
 
     async def body(server: Any) -> str:

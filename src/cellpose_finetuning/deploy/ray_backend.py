@@ -38,7 +38,6 @@ import logging
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -61,7 +60,7 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 #: Environment variables handed to Ray workers when set here.
-_FORWARDED_ENV = ("CELLPOSE_LOCAL_MODELS_PATH", "MPLBACKEND", "OMP_NUM_THREADS")
+_FORWARDED_ENV = ("CELLPOSE_LOCAL_MODELS_PATH", "MPLBACKEND", "OMP_NUM_THREADS", "OMP_WAIT_POLICY")
 
 
 @dataclass
@@ -144,16 +143,13 @@ class InferenceReplica:
     def __init__(
         self, device: str | None = None, max_models: int = 2, torch_threads: int | None = None
     ) -> None:
-        if torch_threads:
-            import torch
+        import torch
 
+        if torch_threads:
             torch.set_num_threads(torch_threads)
         if device is None:
-            import torch
-
             device = "cuda" if torch.cuda.is_available() else "cpu"
         self.executor = LocalInference(device=device, concurrency=1, max_models=max_models)
-        self.calls = 0
 
     async def segment(
         self,
@@ -163,12 +159,7 @@ class InferenceReplica:
         settings: InferenceSettings,
     ) -> list[np.ndarray]:
         """Segment ``images`` with the model behind ``ref`` (loaded once per replica)."""
-        self.calls += 1
         return await self.executor.segment(ref, images, names, settings)
-
-    def info(self) -> dict[str, Any]:
-        """Process id, calls served and models loaded, for tests and monitoring."""
-        return {"pid": os.getpid(), "calls": self.calls, "models": len(self.executor.models)}
 
 
 def _is_replica_failure(exc: BaseException) -> bool:
@@ -206,7 +197,6 @@ class RayInference:
     def __init__(self, handle: Any, retries: int = 1) -> None:
         self.handle = handle
         self.retries = retries
-        self.retried = 0  # calls sent again after their replica died
 
     async def segment(
         self,
@@ -223,7 +213,6 @@ class RayInference:
                 if _is_replica_failure(exc):
                     log.warning("inference replica failed (attempt %d): %s", attempt + 1, exc)
                     if attempt < self.retries:
-                        self.retried += 1
                         continue
                     raise CellposeFinetuningError(
                         "the inference replica stopped while segmenting (tried "
@@ -232,21 +221,16 @@ class RayInference:
                 raise _unwrap(exc) from None
         raise AssertionError("unreachable")
 
-    async def replica_info(self) -> dict[str, Any]:
-        """``info()`` of whichever replica answers."""
-        return await self.handle.info.remote()
-
     async def close(self) -> None:
         """The deployment is removed by :meth:`RayBackend.stop`."""
 
 
 # --------------------------------------------------------------------------- training
-def _train_in_ray(session_dir: str, resume: bool, num_threads: int | None) -> str:
+def _train_in_ray(session_dir: str, resume: bool, num_threads: int | None) -> None:
     """Body of the Ray training task: the same worker entry point as local runs."""
     from cellpose_finetuning.engine.training import worker_main
 
     worker_main(session_dir, resume, num_threads)
-    return Session(session_dir).read_status(reconcile=False).status_type
 
 
 class RayTrainingQueue(SessionQueue):
@@ -325,15 +309,13 @@ class RayBackend:
     Parameters
     ----------
     options : RayOptions
-        Cluster, replicas and resources.
-    data_dir : Path
-        The service's data directory (must be shared by every node).
+        Cluster, replicas and resources. The service's data directory, which
+        replicas and training tasks read and write, must be shared by every node.
     """
 
-    def __init__(self, options: RayOptions, data_dir: Path) -> None:
+    def __init__(self, options: RayOptions) -> None:
         options.validate()
         self.options = options
-        self.data_dir = Path(data_dir)
         self.handle: Any = None
         self._owns_ray = False
 
@@ -352,7 +334,7 @@ class RayBackend:
         # the cores with torch; OpenMP threads spinning at barriers then stall
         # each other: on 2 cores a 512x512 call took 1.3-4.3 s instead of 0.6 s.
         # Sleeping instead of spinning costs nothing measurable (see benchmarks).
-        env.setdefault("OMP_WAIT_POLICY", os.environ.get("OMP_WAIT_POLICY", "PASSIVE"))
+        env.setdefault("OMP_WAIT_POLICY", "PASSIVE")
         if not ray.is_initialized():
             common: dict[str, Any] = {
                 "namespace": "cellpose-finetuning",
@@ -412,10 +394,6 @@ class RayBackend:
             num_gpus=o.training_gpus,
             num_threads=o.torch_threads,
         )
-
-    def replica_actors(self) -> list[Any]:
-        """Actor handles of the inference replicas (for tests and operators)."""
-        return replica_actors(self.options.app_name)
 
     def stop(self) -> None:
         """Remove the application; shut Ray down if this backend started it."""

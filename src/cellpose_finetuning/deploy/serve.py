@@ -178,7 +178,7 @@ async def start_service(
     return admin, server, service, info
 
 
-def _backend_line(options: ServeOptions, ray_backend: RayBackend | None) -> str:
+def _backend_line(ray_backend: RayBackend | None) -> str:
     if ray_backend is None:
         return "local (inference in this process, training in worker processes)"
     o = ray_backend.options
@@ -222,7 +222,7 @@ async def serve(
             ray_options.max_concurrent_trainings = options.service_config.get(
                 "max_concurrent_trainings", ray_options.max_concurrent_trainings
             )
-            ray_backend = RayBackend(ray_options, data_dir)
+            ray_backend = RayBackend(ray_options)
             await asyncio.to_thread(ray_backend.start)
             executors = {"inference": ray_backend.inference(), "training": ray_backend.training()}
         elif options.backend != "local":
@@ -279,7 +279,7 @@ async def serve(
                 if user_token
                 else ""
             )
-            + f"  backend    : {_backend_line(options, ray_backend)}\n"
+            + f"  backend    : {_backend_line(ray_backend)}\n"
             + f"  details    : {data_dir / 'connection.json'}\n"
             f"Press Ctrl-C to stop.",
             flush=True,

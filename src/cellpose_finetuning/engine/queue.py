@@ -13,6 +13,7 @@ import logging
 from collections import deque
 from typing import Any, Protocol
 
+from cellpose_finetuning.engine.schemas import TERMINAL_STATES
 from cellpose_finetuning.engine.sessions import Session
 from cellpose_finetuning.engine.training import TrainingWorker, start_worker
 from cellpose_finetuning.errors import ResourceLimit
@@ -81,7 +82,7 @@ class SessionQueue:
         self.label = label
         self.run_name = "training run"
         self._pending: deque[tuple[Session, bool]] = deque()
-        self._running: dict[str, tuple[Session, Any]] = {}
+        self._running: dict[str, Session] = {}
         self._watchers: dict[str, asyncio.Task[None]] = {}
         self._wakeup = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
@@ -102,7 +103,7 @@ class SessionQueue:
     def _on_crash(self, session: Session, exc: BaseException) -> None:
         """The run raised instead of ending: record it unless it already did."""
         status = session.read_status(reconcile=False)
-        if status.status_type not in ("completed", "failed", "stopped"):
+        if status.status_type not in TERMINAL_STATES:
             session.update_status(
                 status_type="failed",
                 message=f"The {self.run_name} ended unexpectedly during epoch "
@@ -125,7 +126,7 @@ class SessionQueue:
             with contextlib.suppress(asyncio.CancelledError):
                 await self._task
             self._task = None
-        for session, _handle in list(self._running.values()):
+        for session in list(self._running.values()):
             session.request_stop()
         if self._watchers:
             await asyncio.wait(list(self._watchers.values()), timeout=timeout)
@@ -165,12 +166,6 @@ class SessionQueue:
         """Ids of running sessions."""
         return list(self._running)
 
-    async def wait(self, session_id: str) -> None:
-        """Wait until the session's current run has ended (no-op when none runs)."""
-        task = self._watchers.get(session_id)
-        if task is not None:
-            await asyncio.shield(task)
-
     # ------------------------------------------------------------------ internals
     def _update_positions(self) -> None:
         for pos, (session, _) in enumerate(self._pending, start=1):
@@ -193,7 +188,7 @@ class SessionQueue:
                     log.exception("could not start %s", session.id)
                     session.update_status(status_type="failed", message=f"Could not start: {exc}")
                     continue
-                self._running[session.id] = (session, handle)
+                self._running[session.id] = session
                 self._watchers[session.id] = asyncio.get_running_loop().create_task(
                     self._watch(session, handle)
                 )
