@@ -42,6 +42,7 @@ from typing import Any
 
 import yaml
 
+from cellpose_finetuning.deploy.serve import MIN_TOKEN_LIFETIME_S, token_expiry
 from cellpose_finetuning.errors import CellposeFinetuningError, InvalidInput
 
 __all__ = [
@@ -68,7 +69,6 @@ _SKIP = ("__pycache__", ".pyc", ".DS_Store")
 REQUIREMENTS_FILE = "requirements-app.txt"
 SERVICE_ID = "cellpose-finetuning"
 APP_CLASS = "CellposeFinetuningApp"
-MIN_TOKEN_LIFETIME_S = 24 * 3600
 
 
 class TokenWarning(UserWarning):
@@ -155,16 +155,11 @@ def load_token(explicit: str | None = None, env_file: str | os.PathLike[str] = "
 
 def check_token(token: str, now: float | None = None) -> str:
     """Refuse an expired token; warn (:class:`TokenWarning`) when it expires within a day."""
-    from jose import jwt
-
-    try:
-        exp = jwt.get_unverified_claims(token).get("exp")
-    except Exception:
-        return token  # not a JWT we can read; the server will judge it
-    if not exp:
-        return token
+    exp = token_expiry(token)
+    if exp is None:
+        return token  # no expiry we can read; the server will judge it
     now = time.time() if now is None else now
-    when = datetime.fromtimestamp(float(exp), UTC).strftime("%Y-%m-%d %H:%M UTC")
+    when = datetime.fromtimestamp(exp, UTC).strftime("%Y-%m-%d %H:%M UTC")
     if exp <= now:
         raise InvalidInput("token", f"it expired at {when}; log in again for a fresh one")
     if exp - now < MIN_TOKEN_LIFETIME_S:
