@@ -213,9 +213,19 @@ class ArtifactFiles:
                 urls = got if isinstance(got, dict) else dict(zip(paths, [got], strict=False))
                 await asyncio.gather(*(fetch(p, urls[p]) for p in paths))
 
-            await asyncio.gather(
-                *(batch(todo[i : i + URL_BATCH]) for i in range(0, len(todo), URL_BATCH))
-            )
+            batches = [
+                asyncio.ensure_future(batch(todo[i : i + URL_BATCH]))
+                for i in range(0, len(todo), URL_BATCH)
+            ]
+            try:
+                await asyncio.gather(*batches)
+            except BaseException:
+                # One failure ends the fetch: stop the other batches before the
+                # HTTP client closes under them.
+                for task in batches:
+                    task.cancel()
+                await asyncio.gather(*batches, return_exceptions=True)
+                raise
         return local
 
 
