@@ -320,3 +320,22 @@ def test_invalid_n_samples_is_refused(bad):
     with pytest.raises(InvalidInput) as err:
         select_samples(PAIRS, bad, seed=0)
     assert err.value.what == "n_samples"
+
+
+@pytest.mark.parametrize(("fraction", "expected"), [(0.05, 1), (0.25, 5), (0.5, 10), (0.99, 20)])
+def test_fractional_n_samples_is_a_share_of_the_pairs(fraction, expected):
+    # The original service: a value in (0, 1) is a fraction, rounded, at least one pair.
+    chosen = select_samples(PAIRS, fraction, seed=0)
+    assert len(chosen) == expected
+    assert chosen == select_samples(PAIRS, fraction, seed=0)
+
+
+def test_whole_float_n_samples_is_a_count():
+    assert len(select_samples(PAIRS, 4.0, seed=0)) == 4
+
+
+@pytest.mark.parametrize("bad", [1.5, 1.0001, 0.0, -0.5])
+def test_fractional_n_samples_above_one_is_refused_naming_it(bad):
+    with pytest.raises(InvalidInput, match="n_samples") as err:
+        select_samples(PAIRS, bad, seed=0)
+    assert err.value.what == "n_samples"

@@ -40,13 +40,24 @@ def test_checkpoint_is_a_plain_state_dict_cellpose_can_read(tmp_path):
     assert "encoder.pos_embed" in state and ARCH_KEY in state
 
 
-def test_file_without_architecture_is_taken_as_cpsam_and_mismatch_is_named(tmp_path):
-    net = build_network(PRESETS["tiny"])
+@pytest.mark.parametrize("preset", ["tiny", "small"])
+def test_plain_state_dict_architecture_is_read_from_its_shapes(tmp_path, preset):
+    # Exported packages hold plain cellpose state dicts (no ARCH_KEY): the network
+    # must still load, with exactly the weights that were saved.
+    net = build_network(PRESETS[preset])
     path = tmp_path / "plain.pth"
     torch.save(net.state_dict(), path)
     _, arch = read_state_dict(path)
-    assert arch.is_cpsam
-    with pytest.raises(InvalidInput, match="plain.pth"):
+    assert arch == PRESETS[preset]
+    loaded, _ = load_network(path)
+    for key, value in net.state_dict().items():
+        assert torch.equal(loaded.state_dict()[key], value), key
+
+
+def test_state_dict_of_another_network_is_refused_naming_the_file(tmp_path):
+    path = tmp_path / "other.pth"
+    torch.save({"conv.weight": torch.zeros(3, 3)}, path)
+    with pytest.raises(InvalidInput, match="other.pth"):
         load_network(path)
 
 

@@ -139,6 +139,64 @@ class ArtifactFiles:
             names += await self.list_dir(artifact_id, folder, version=version)
         return names
 
+    async def list_tree(self, artifact_id: str, dir_path: str, *, max_files: int) -> list[str]:
+        """Paths of all files below ``dir_path``, sub-folders included (all pages).
+
+        Raises
+        ------
+        ResourceLimit
+            Past ``max_files`` files.
+        """
+        from cellpose_finetuning.errors import ResourceLimit
+
+        found: list[str] = []
+        folders = [dir_path.strip("/")]
+        while folders:
+            folder = folders.pop()
+            offset = 0
+            while True:
+                try:
+                    page = await self.am.list_files(
+                        artifact_id, dir_path=folder or None, limit=PAGE, offset=offset
+                    )
+                except Exception as exc:
+                    raise _map_error(exc, artifact_id) from exc
+                for item in page:
+                    path = f"{folder}/{item['name']}" if folder else item["name"]
+                    if item.get("type", "file") == "file":
+                        found.append(path)
+                    else:
+                        folders.append(path)
+                if len(found) > max_files:
+                    raise ResourceLimit(f"more than {max_files} files below {dir_path!r}")
+                if len(page) < PAGE:
+                    break
+                offset += PAGE
+        return found
+
+    async def fetch_file(self, artifact_id: str, path: str, dest: Path) -> Path:
+        """Download one file to ``dest`` (no cache), replacing it atomically."""
+        import httpx
+
+        try:
+            url = await self.am.get_file(artifact_id, file_path=path)
+        except Exception as exc:
+            raise _map_error(exc, artifact_id) from exc
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        tmp = dest.with_name(f".{dest.name}.part")
+        transport = httpx.AsyncHTTPTransport(retries=3)
+        async with (
+            httpx.AsyncClient(transport=transport, timeout=600, follow_redirects=True) as client,
+            client.stream("GET", url) as resp,
+        ):
+            if resp.status_code != 200:
+                raise InvalidInput(path, f"download failed with HTTP {resp.status_code}")
+            with open(tmp, "wb") as fh:
+                async for chunk in resp.aiter_bytes(1 << 20):
+                    fh.write(chunk)
+        os.replace(tmp, dest)
+        return dest
+
     def cache_path(self, artifact_id: str, version: str | None, path: str) -> Path:
         """Local path of a cached file (version-keyed so new versions are re-fetched)."""
         safe = safe_relpath(path, "path")

@@ -35,6 +35,7 @@ __all__ = [
     "Pair",
     "is_pattern",
     "pair_files",
+    "resolve_n_samples",
     "safe_relpath",
     "select_samples",
     "spec_dir",
@@ -313,16 +314,47 @@ def pair_files(
     return [Pair(images[k], masks[k], k) for k in natsorted(images)]
 
 
-def select_samples(pairs: Sequence[T], n_samples: int | None, seed: int) -> list[T]:
+def resolve_n_samples(n_samples: int | float, total: int) -> int:
+    """How many pairs ``n_samples`` asks for out of ``total``.
+
+    A whole number (``5``, ``5.0``) is a count; a value between 0 and 1 is a
+    fraction of ``total``, rounded, at least 1 (the original service's rule).
+
+    >>> resolve_n_samples(0.05, 100), resolve_n_samples(0.01, 10), resolve_n_samples(3, 10)
+    (5, 1, 3)
+
+    Raises
+    ------
+    InvalidInput
+        Anything else (``1.5``, ``0``, ``-2``, a string, a bool).
+    """
+    if isinstance(n_samples, bool) or not isinstance(n_samples, numbers.Real):
+        raise InvalidInput("n_samples", f"must be a number or None, got {n_samples!r}")
+    if isinstance(n_samples, numbers.Integral) or float(n_samples).is_integer():
+        count = int(n_samples)
+        if count < 1:
+            raise InvalidInput("n_samples", f"must be at least 1 or a fraction, got {n_samples}")
+        return count
+    if 0 < n_samples < 1:
+        return max(1, round(float(n_samples) * total))
+    raise InvalidInput(
+        "n_samples",
+        f"must be a whole number (a count) or between 0 and 1 (a fraction), got {n_samples}",
+    )
+
+
+def select_samples(pairs: Sequence[T], n_samples: int | float | None, seed: int) -> list[T]:
     """A reproducible random subset of ``n_samples`` pairs, kept in their original order.
 
     Parameters
     ----------
     pairs : sequence
         All pairs (any items), usually from :func:`pair_files`.
-    n_samples : int or None
-        How many to keep. ``None``, or a number at least ``len(pairs)``,
-        keeps them all (asking for more than there are is not an error).
+    n_samples : int, float or None
+        How many to keep: a count, or a fraction between 0 and 1 (see
+        :func:`resolve_n_samples`). ``None``, or a count at least
+        ``len(pairs)``, keeps them all (asking for more than there are is not
+        an error).
     seed : int
         Seed of the draw: the same seed and pairs give the same subset.
 
@@ -334,13 +366,11 @@ def select_samples(pairs: Sequence[T], n_samples: int | None, seed: int) -> list
     Raises
     ------
     InvalidInput
-        ``n_samples`` is not a whole number of at least 1.
+        ``n_samples`` is neither a count of at least 1 nor a fraction.
     """
     if n_samples is None:
         return list(pairs)
-    if isinstance(n_samples, bool) or not isinstance(n_samples, numbers.Integral):
-        raise InvalidInput("n_samples", f"must be a whole number or None, got {n_samples!r}")
-    n_samples = int(n_samples)
+    n_samples = resolve_n_samples(n_samples, len(pairs))
     if n_samples < 1:
         raise InvalidInput("n_samples", f"must be at least 1, got {n_samples}")
     if n_samples >= len(pairs):

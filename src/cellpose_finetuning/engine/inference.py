@@ -41,7 +41,9 @@ __all__ = [
     "ModelCache",
     "ModelRef",
     "ModelResolver",
+    "Segmentation",
     "segment",
+    "segment_full",
     "segment_many",
     "to_label_dtype",
 ]
@@ -218,8 +220,42 @@ def segment(
     numpy.ndarray
         Labels, (H, W) or (Z, H, W); uint16, or uint32 above 65535 objects.
     """
+    result = segment_full(model, image, settings, name=name)
+    assert result.masks is not None
+    return result.masks
+
+
+@dataclass
+class Segmentation:
+    """What one image gave: labels, and cellpose's flows when asked for.
+
+    ``flows`` is cellpose's list ``[HSV flow picture (H,W,3) uint8, dP (2,H,W),
+    cell probability (H,W)]``; ``masks`` is None when only the network ran
+    (``compute_masks=False``).
+    """
+
+    masks: np.ndarray | None
+    flows: list[np.ndarray] | None = None
+
+
+def segment_full(
+    model: CellposeModel,
+    image: np.ndarray,
+    settings: InferenceSettings | None = None,
+    *,
+    name: str = "image",
+) -> Segmentation:
+    """Segment one image and keep the flows if ``settings`` asks for them.
+
+    See :func:`segment` for the arguments. With ``settings.enable_clahe`` the
+    image is equalised first (:func:`~cellpose_finetuning.engine.preprocess.apply_clahe`).
+    """
     settings = settings or InferenceSettings()
     image = np.asarray(image)
+    if settings.enable_clahe and image.ndim in (3, 4):
+        from cellpose_finetuning.engine.preprocess import apply_clahe
+
+        image = apply_clahe(image)
     if image.ndim not in (3, 4):
         raise InvalidInput(name, f"expected (C,H,W) or (Z,C,H,W), got shape {image.shape}")
     is_3d = image.ndim == 4
@@ -245,14 +281,28 @@ def segment(
         )
         if not settings.do_3D and settings.stitch_threshold == 0:
             # Plane by plane without stitching: independent 2D label images.
-            planes = [segment(model, plane, settings, name=name) for plane in image]
-            return to_label_dtype(np.stack(planes))
-    masks, _flows, _styles = model.eval(image.astype("float32", copy=False), **kwargs)
+            plain = settings.model_copy(update={"enable_clahe": False})
+            results = [segment_full(model, plane, plain, name=name) for plane in image]
+            return Segmentation(
+                masks=None
+                if not settings.compute_masks
+                else to_label_dtype(np.stack([r.masks for r in results])),
+                flows=[np.stack(parts) for parts in zip(*(r.flows for r in results), strict=True)]
+                if results[0].flows is not None
+                else None,
+            )
+    wants_flows = settings.return_flows or not settings.compute_masks
+    masks, flows, _styles = model.eval(
+        image.astype("float32", copy=False), compute_masks=settings.compute_masks, **kwargs
+    )
+    flows_out = [np.asarray(f) for f in flows] if wants_flows else None
+    if not settings.compute_masks:
+        return Segmentation(masks=None, flows=flows_out)
     masks = np.asarray(masks)
     expected = image.shape[-2:] if not is_3d else (image.shape[0], *image.shape[-2:])
     if masks.shape != tuple(expected):
         masks = masks.reshape(expected)
-    return to_label_dtype(masks)
+    return Segmentation(masks=to_label_dtype(masks), flows=flows_out)
 
 
 def segment_many(
@@ -263,6 +313,13 @@ def segment_many(
 ) -> list[np.ndarray]:
     """Segment several images one after the other (see :func:`segment`)."""
     names = names or [f"image[{i}]" for i in range(len(images))]
+    settings = settings or InferenceSettings()
+    if settings.return_flows or not settings.compute_masks:
+        # Flows asked for: each item is a Segmentation (labels and flows).
+        return [
+            segment_full(model, img, settings, name=n)  # type: ignore[misc]
+            for img, n in zip(images, names, strict=True)
+        ]
     return [segment(model, img, settings, name=n) for img, n in zip(images, names, strict=True)]
 
 

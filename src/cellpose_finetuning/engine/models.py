@@ -41,6 +41,7 @@ __all__ = [
     "PRESETS",
     "PRETRAINED_MODELS",
     "ArchSpec",
+    "arch_from_state_dict",
     "build_network",
     "load_cellpose_model",
     "load_network",
@@ -216,8 +217,53 @@ def read_state_dict(path: str | os.PathLike[str]) -> tuple[dict[str, Any], ArchS
         raise InvalidInput(str(path), "not a state dict (expected a mapping of tensors)")
     state = {k.removeprefix("module."): v for k, v in state.items()}
     arch_tensor = state.pop(ARCH_KEY, None)
-    arch = _decode_arch(arch_tensor) if arch_tensor is not None else PRESETS["cpsam"]
-    return state, arch
+    if arch_tensor is not None:
+        return state, _decode_arch(arch_tensor)
+    return state, arch_from_state_dict(state, name=str(path))
+
+
+def arch_from_state_dict(state: dict[str, Any], name: str = "checkpoint") -> ArchSpec:
+    """The architecture a plain cellpose state dict needs, read from its shapes.
+
+    Plain state dicts (cellpose's own ``cpsam`` file, ``model_weights.pth`` of
+    an exported package) carry no :data:`ARCH_KEY`. The encoder's width is the
+    patch embedding's output channels, its depth the number of blocks, the
+    head count follows from the relative position tables (width / head size),
+    and blocks with a 64-token table (127 rows) use global attention.
+
+    Raises
+    ------
+    InvalidInput
+        If the dict is not a cellpose ``Transformer``'s.
+    """
+    try:
+        proj = state["encoder.patch_embed.proj.weight"]
+        embed_dim, ps = int(proj.shape[0]), int(proj.shape[-1])
+        blocks = sorted({int(k.split(".")[2]) for k in state if k.startswith("encoder.blocks.")})
+        tables = [state[f"encoder.blocks.{i}.attn.rel_pos_h"] for i in blocks]
+        head_dim = int(tables[0].shape[1])
+        bsize = int(state["encoder.pos_embed"].shape[1]) * ps
+        nout = int(state["out.weight"].shape[0]) // (ps * ps)
+    except (KeyError, IndexError, AttributeError) as exc:
+        raise InvalidInput(
+            name, f"not a Cellpose-SAM network state dict (no {exc} entry)"
+        ) from None
+    arch = ArchSpec(
+        name="custom",
+        embed_dim=embed_dim,
+        depth=len(blocks),
+        num_heads=max(1, embed_dim // head_dim),
+        global_attn_indexes=tuple(
+            i for i, t in zip(blocks, tables, strict=True) if int(t.shape[0]) == 127
+        ),
+        ps=ps,
+        bsize=bsize,
+        nout=nout,
+    )
+    for preset in PRESETS.values():
+        if arch == preset.model_copy(update={"name": "custom"}):
+            return preset
+    return arch
 
 
 def load_network(

@@ -9,9 +9,9 @@ they read theirs. Extra fields (``session_id``, ``model``, ``settings``,
 from __future__ import annotations
 
 from datetime import UTC, datetime
-from typing import Literal
+from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 __all__ = [
     "DEFAULT_VALIDATION_INTERVAL",
@@ -22,7 +22,20 @@ __all__ = [
     "TrainingSettings",
     "TrainingStatus",
     "ValidationMetrics",
+    "public_status",
 ]
+
+#: Fields of ``status.json`` that are ours alone (which process runs the session).
+INTERNAL_STATUS_FIELDS = frozenset({"worker_pid", "worker_create_time", "worker_host"})
+#: The run's parameters the original service shows at the top level of a status.
+RUN_PARAMETERS = (
+    "n_epochs",
+    "n_samples",
+    "learning_rate",
+    "weight_decay",
+    "min_train_masks",
+    "validation_interval",
+)
 
 StatusType = Literal["waiting", "preparing", "running", "completed", "failed", "stopped"]
 #: States in which no worker is (or will be) busy with the session.
@@ -75,15 +88,29 @@ class TrainingSettings(BaseModel):
         description="Epochs between validations; always validates the first and last "
         "epoch. None: every 10 epochs. Needs test data.",
     )
-    n_samples: int | None = Field(
-        None, ge=1, description="Use a random subset of this many training pairs."
+    n_samples: int | float | None = Field(
+        None,
+        gt=0,
+        description="Use a random subset of the training pairs: a whole number >= 1 is a "
+        "count, a value between 0 and 1 a fraction of the pairs (0.05 = 5%). None: all.",
     )
     batch_size: int = Field(1, ge=1, le=256, description="Tiles per optimisation step.")
     min_train_masks: int = Field(
-        1,
+        5,
         ge=0,
-        description="Training images with fewer objects are dropped (cellpose's rule; "
-        "cellpose's own default is 5).",
+        description="Training images with fewer objects are dropped (cellpose's rule and "
+        "default, and the original service's).",
+    )
+    enable_clahe: bool = Field(
+        False,
+        description="Contrast-limited adaptive histogram equalisation of training and test "
+        "images (grey, clip limit 3, 16x16 tiles), as the original service applies it; for "
+        "brightfield or phase contrast with a narrow intensity range.",
+    )
+    rescale: bool = Field(
+        False,
+        description="Resize training tiles so that objects match the network's diameter "
+        "(cellpose's train_seg rescale). Off by default, as in the Cellpose-SAM paper.",
     )
     lr_schedule: Literal["proportional", "cellpose"] = Field(
         "proportional",
@@ -103,6 +130,15 @@ class TrainingSettings(BaseModel):
     checkpoint_interval_s: float = Field(
         60.0, ge=0, description="Save the last checkpoint at most this often mid-run."
     )
+
+    @field_validator("n_samples")
+    @classmethod
+    def _count_or_fraction(cls, value: int | float | None) -> int | float | None:
+        if value is None or isinstance(value, int) or 0 < value < 1:
+            return value
+        if float(value).is_integer():
+            return int(value)
+        raise ValueError("must be a whole number (a count) or between 0 and 1 (a fraction)")
 
     @property
     def effective_validation_interval(self) -> int:
@@ -131,6 +167,12 @@ class TrainingStatus(BaseModel):
     total_epochs: int | None = None
     elapsed_seconds: float | None = None
     best_epoch: int | None = None
+    current_batch: int | None = None
+    total_batches: int | None = None
+    last_continued_time: str | None = None
+    exported_artifact_id: str | None = None
+    model_modified: bool | None = None
+    label: str | None = None
     settings: dict = Field(default_factory=dict)
     updated_at: str = Field(default_factory=lambda: datetime.now(UTC).isoformat())
     worker_pid: int | None = None
@@ -165,9 +207,60 @@ class InferenceSettings(BaseModel):
         0.0, ge=0.0, le=1.0, description="Segment planes in 2D and stitch by this IoU."
     )
     anisotropy: float | None = Field(None, gt=0, description="Z sampling ratio for do_3D.")
+    enable_clahe: bool = Field(
+        False,
+        description="Contrast-limited adaptive histogram equalisation of the image first (grey, "
+        "clip limit 3, 16x16 tiles), as for training with enable_clahe.",
+    )
+    return_flows: bool = Field(
+        False,
+        description="Also return cellpose's flows: [HSV flow picture, dP (2,H,W), cell "
+        "probability (H,W), final pixel positions].",
+    )
+    compute_masks: bool = Field(
+        True,
+        description="False: only run the network and return dP and cell probability "
+        "(the original's return_flows_only); thresholds are then not used.",
+    )
 
     @model_validator(mode="after")
     def _check_3d(self) -> InferenceSettings:
         if self.do_3D and self.stitch_threshold > 0:
             raise ValueError("use either do_3D or stitch_threshold > 0, not both")
         return self
+
+
+def public_status(status: TrainingStatus, *, owner: str | None = None) -> dict[str, Any]:
+    """The status as callers get it: the original service's keys and shapes.
+
+    A key whose value is not known yet is left out, never ``None`` (the
+    contract's own polling loops format ``status["elapsed_seconds"]`` once the
+    key is present). The loss and metric lists keep their ``None`` entries
+    for epochs without validation, as the contract shows them. The run's
+    parameters are repeated at the top level, ``current_loss`` is the last
+    training loss and ``user_id`` the owner; which process runs the session
+    is not shown.
+
+    Parameters
+    ----------
+    status : TrainingStatus
+        As stored in ``status.json``.
+    owner : str, optional
+        The session's owner, shown as ``user_id``.
+
+    Returns
+    -------
+    dict
+        JSON-safe status with ``session_id``.
+    """
+    out = status.model_dump(mode="json", exclude=set(INTERNAL_STATUS_FIELDS))
+    for name in RUN_PARAMETERS:
+        out.setdefault(name, status.settings.get(name))
+    if status.train_losses:
+        out["current_loss"] = status.train_losses[-1]
+    if owner is not None:
+        out["user_id"] = owner
+    if out.get("current_epoch") is not None and out.get("elapsed_seconds") is None:
+        # The contract's examples print elapsed_seconds whenever current_epoch is there.
+        out["elapsed_seconds"] = 0.0
+    return {k: v for k, v in out.items() if v is not None}

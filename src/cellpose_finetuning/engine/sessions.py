@@ -266,6 +266,7 @@ class SessionStore:
         owner: str | None = None,
         session_id: str | None = None,
         message: str = "Waiting to start",
+        label: str | None = None,
     ) -> Session:
         """Create a session in state ``waiting``.
 
@@ -294,8 +295,8 @@ class SessionStore:
                 n_train=len(data.train),
                 n_test=len(data.test),
                 total_epochs=settings.n_epochs,
-                current_epoch=0,
                 settings=settings.model_dump(mode="json"),
+                label=label,
             )
         )
         return session

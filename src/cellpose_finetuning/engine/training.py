@@ -136,13 +136,18 @@ class _Prepared:
     dropped: list[str]
 
 
-def _load_pairs(pairs: list[tuple[str, str]], role: str) -> list[tuple[np.ndarray, np.ndarray]]:
+def _load_pairs(
+    pairs: list[tuple[str, str]], role: str, *, clahe: bool = False
+) -> list[tuple[np.ndarray, np.ndarray]]:
     """Read image/mask pairs as (C,H,W) float images and (H,W) labels."""
+    from cellpose_finetuning.engine.preprocess import apply_clahe
     from cellpose_finetuning.io.images import read_image, read_mask
 
     out = []
     for img_path, mask_path in pairs:
         img = read_image(img_path)
+        if clahe and img.ndim == 3:
+            img = apply_clahe(img)
         if img.ndim != 3:
             raise InvalidInput(
                 img_path, f"{role} images must be 2D (got a stack of shape {img.shape})"
@@ -155,8 +160,8 @@ def _load_pairs(pairs: list[tuple[str, str]], role: str) -> list[tuple[np.ndarra
 def _prepare(session: Session, settings: TrainingSettings, device: torch.device) -> _Prepared:
     data = session.data
     return _prepare_arrays(
-        _load_pairs(data.train, "training"),
-        _load_pairs(data.test, "test"),
+        _load_pairs(data.train, "training", clahe=settings.enable_clahe),
+        _load_pairs(data.test, "test", clahe=settings.enable_clahe),
         [m for _, m in data.train],
         settings,
         device,
@@ -246,6 +251,8 @@ class _Loop:
 
         self.net, self.prep, self.settings, self.device = net, prep, settings, device
         self.should_stop = should_stop
+        #: Called with (batch index, batches per epoch) after each optimisation step.
+        self.on_batch: Callable[[int, int], None] | None = None
         self.bsize = int(net.encoder.pos_embed.shape[1] * net.ps)
         self.optimizer = torch.optim.AdamW(
             net.parameters(), lr=settings.learning_rate, weight_decay=settings.weight_decay
@@ -257,10 +264,15 @@ class _Loop:
         from cellpose.transforms import random_rotate_and_resize
 
         imgs, lbls = cp_train._get_batch(inds, data=data, labels=labels, files=None)
+        if self.settings.rescale and data is self.prep.train_data:
+            # train_seg's rescale: object diameter / the network's diameter.
+            rsc = self.prep.diam_train[inds] / float(self.net.diam_mean.item())
+        else:
+            rsc = np.ones(len(inds), "float32")
         imgi, lbl = random_rotate_and_resize(
             imgs,
             Y=lbls,
-            rescale=np.ones(len(inds), "float32"),
+            rescale=rsc,
             scale_range=0.5,
             xy=(self.bsize, self.bsize),
         )[:2]
@@ -294,6 +306,8 @@ class _Loop:
             loss.backward()
             self.optimizer.step()
             total += loss.item() * n
+            if self.on_batch is not None:
+                self.on_batch(k // bs, -(-nimg // bs))
         return total / nimg
 
     def validate(self) -> tuple[float, ValidationMetrics]:
@@ -435,10 +449,25 @@ def run_training(session: Session, *, resume: bool = False) -> TrainingStatus:
                 "n_test": prep.n_test,
                 "total_epochs": total_epochs,
                 "current_epoch": start_epoch,
+                "elapsed_seconds": prior_elapsed,
+                "model_modified": True,
             }
         )
     )
     last_save = time.time()
+    last_batch_write = [0.0]
+
+    def on_batch(batch: int, batches: int) -> None:
+        # At most one status write a second, and always the epoch's last batch.
+        now = time.time()
+        if batch + 1 < batches and now - last_batch_write[0] < 1.0:
+            return
+        last_batch_write[0] = now
+        status.current_batch, status.total_batches = batch, batches
+        status.elapsed_seconds = prior_elapsed + now - t_start
+        session.write_status(status)
+
+    loop.on_batch = on_batch
 
     def save_last() -> None:
         save_network(net, arch, session.weights("last").with_name("last.pth"))
