@@ -18,6 +18,7 @@ from typing import Any, TypeVar
 
 import click
 
+from cellpose_finetuning.engine.schemas import TrainingSettings
 from cellpose_finetuning.errors import CellposeFinetuningError
 
 F = TypeVar("F", bound=Callable[..., Any])
@@ -196,7 +197,12 @@ def _report(status: Any, session: Any, as_json: bool) -> None:
 )
 @click.option("--n-samples", type=int, default=None, help="Random subset of training pairs.")
 @click.option("--batch-size", type=int, default=1, show_default=True)
-@click.option("--min-train-masks", type=int, default=1, show_default=True)
+@click.option(
+    "--min-train-masks",
+    type=int,
+    default=TrainingSettings.model_fields["min_train_masks"].default,
+    show_default=True,
+)
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--device", default=None, help="Torch device (default: cuda, mps or cpu).")
 @click.option(

@@ -157,8 +157,8 @@ async def test_in_app_mode_the_registered_service_keeps_users_apart(
         as_alice = await alice.get_service(info["service_id"])
         as_bob = await bob.get_service(info["service_id"])
         as_anonymous = await anonymous.get_service(info["service_id"])
-        assert [s["session_id"] for s in await as_alice.list_training_sessions()] == [session.id]
-        assert await as_bob.list_training_sessions() == []
+        assert list(await as_alice.list_training_sessions()) == [session.id]
+        assert await as_bob.list_training_sessions() == {}
         with pytest.raises(Exception, match="not found"):
             await as_bob.get_training_status(session.id)
         with pytest.raises(Exception, match="not found"):

@@ -166,9 +166,9 @@ async def test_bob_sees_nothing_of_alices(alice, bob, trained, dataset):
         await bob_svc.start_training(
             artifact=dataset, train_images="images/train/", train_annotations="annotations/train/"
         )
-    assert await bob_svc.list_training_sessions() == []
+    assert await bob_svc.list_training_sessions() == {}
     alice_sessions = await alice[1].list_training_sessions()
-    assert session_id in {s["session_id"] for s in alice_sessions}
+    assert alice_sessions[session_id]["session_id"] == session_id
 
 
 async def test_anonymous_callers_may_only_infer_cpsam_on_arrays(running_stack, dataset):

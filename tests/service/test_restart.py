@@ -187,7 +187,7 @@ async def test_s3_down_while_loading_fails_the_session_clearly(tmp_path, tiny_mo
             status = await follow(svc, started["session_id"], interval=0.3, show_progress=False)
             assert status["status_type"] == "failed"
             assert status["message"].startswith("Preparing the data failed")
-        for session in await svc.list_training_sessions():
+        for session in (await svc.list_training_sessions()).values():
             assert session["status_type"] not in ("preparing", "running")
         assert "tiny" in await svc.list_pretrained_models()  # the service still answers
         await server.disconnect()

@@ -973,6 +973,7 @@ def build_package(
     parent_id: str | None = None,
     tags: Sequence[str] = (),
     overwrite: bool = False,
+    uploader: Mapping[str, str] | None = None,
 ) -> PackageResult:
     """Write a validated BioImage.IO model package for a finished session.
 
@@ -1093,7 +1094,12 @@ def build_package(
         base=base,
         license=license or base["license"],
         name=model_name or _safe_name(f"Cellpose-SAM fine-tuned {session.id}"),
-        description=description or _default_description(arch, data, status, image.shape[0]),
+        # As the original service: a given description is added to the generated one.
+        description=" ".join(
+            x
+            for x in (_default_description(arch, data, status, image.shape[0]), description)
+            if x and x.strip()
+        ),
         authors=_authors(authors, session.owner),
         tags=list(dict.fromkeys([*DEFAULT_TAGS, *tags])),
         parent_id=parent_id,
@@ -1111,6 +1117,8 @@ def build_package(
         timestamp=datetime.now(UTC).replace(microsecond=0).isoformat(),
     )
     rdf = _rdf(plan)
+    if uploader:
+        rdf["uploader"] = {"name": uploader["name"], "email": uploader["email"]}
     files["doc.md"].write_text(_doc(plan), encoding="utf-8")
     _fill_hashes(rdf, out)
     _write_yaml(rdf, files["rdf.yaml"])

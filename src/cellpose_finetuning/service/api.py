@@ -19,8 +19,10 @@ from __future__ import annotations
 import asyncio
 import functools
 import logging
+import posixpath
 import re
 from collections.abc import Callable
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -28,14 +30,34 @@ import numpy as np
 from pydantic import BaseModel, Field, ValidationError
 
 from cellpose_finetuning.data.artifacts import ArtifactFiles, parse_artifact_id, upload_files
-from cellpose_finetuning.data.pairing import check_specs, pair_files, safe_relpath, select_samples
-from cellpose_finetuning.engine.inference import InferenceExecutor, LocalInference, ModelResolver
+from cellpose_finetuning.data.metadata import load_metadata_document, pairs_from_metadata
+from cellpose_finetuning.data.pairing import (
+    Pair,
+    check_specs,
+    pair_files,
+    resolve_n_samples,
+    safe_relpath,
+    select_samples,
+    spec_dir,
+)
+from cellpose_finetuning.engine.inference import (
+    InferenceExecutor,
+    LocalInference,
+    ModelRef,
+    ModelResolver,
+    Segmentation,
+)
 from cellpose_finetuning.engine.queue import TrainingExecutor, TrainingQueue
 from cellpose_finetuning.engine.runs import (
     validate_settings,
     validation_error_message,
 )
-from cellpose_finetuning.engine.schemas import TERMINAL_STATES, InferenceSettings, TrainingSettings
+from cellpose_finetuning.engine.schemas import (
+    TERMINAL_STATES,
+    InferenceSettings,
+    TrainingSettings,
+    public_status,
+)
 from cellpose_finetuning.engine.sessions import (
     DataSpec,
     Session,
@@ -52,6 +74,13 @@ from cellpose_finetuning.errors import (
 )
 from cellpose_finetuning.io.images import read_image, to_canonical
 from cellpose_finetuning.service.auth import Caller, caller_from_context, can_read
+from cellpose_finetuning.service.payloads import (
+    MODEL_NAME,
+    default_model_name,
+    encode_mask_png,
+    normalize_authors,
+    normalize_uploader,
+)
 
 __all__ = ["CellposeService", "ServiceConfig"]
 
@@ -133,9 +162,30 @@ def api_method(func: F) -> F:
 
 def _status_dict(session: Session, status: Any = None) -> dict[str, Any]:
     st = status or session.read_status()
-    out = st.model_dump(mode="json", exclude={"worker_pid", "worker_create_time", "worker_host"})
+    out = public_status(st, owner=session.owner)
     out["session_id"] = session.id
     return out
+
+
+def _session_arg(session_id: Any) -> Any:
+    """The original accepted ``<id>/status.json`` and path-like ids: keep their last part."""
+    if isinstance(session_id, str):
+        value = session_id.strip().replace("\\", "/").rstrip("/")
+        value = value.removesuffix("/status.json")
+        return value.rsplit("/", 1)[-1]
+    return session_id
+
+
+def _is_artifact_ref(model: str) -> bool:
+    """Whether a ``model`` argument names a published model artifact (``ws/alias`` or URL)."""
+    return model.startswith(("http://", "https://")) or model.count("/") == 1
+
+
+#: Names of the weights file in a published model artifact, in order of preference
+#: (ours is model_weights.pth; the others are what the original looked for).
+_WEIGHT_FILES = ("model_weights.pth", "model.pth", "weights.pth")
+#: Status filter values accepted by list_training_sessions.
+_STATUS_TYPES = frozenset({"waiting", "preparing", "running", "completed", "failed", "stopped"})
 
 
 class CellposeService:
@@ -213,15 +263,22 @@ class CellposeService:
 
     # ------------------------------------------------------------------ helpers
     def _session(self, session_id: Any, caller: Caller) -> Session:
+        session_id = _session_arg(session_id)
         if not isinstance(session_id, str):
             raise InvalidInput("session_id", "must be a string")
         caller.require_login("training sessions")
         return self.sessions.get(session_id, owner=caller.id)
 
-    async def _readable_artifact(self, artifact: str, caller: Caller) -> str:
-        artifact_id = parse_artifact_id(artifact)
+    async def _readable_artifact(self, artifact: str, caller: Caller, arg: str = "artifact") -> str:
+        await self._readable_record(artifact, caller, arg)
+        return parse_artifact_id(artifact, arg)
+
+    async def _readable_record(
+        self, artifact: str, caller: Caller, arg: str = "artifact"
+    ) -> dict[str, Any]:
+        artifact_id = parse_artifact_id(artifact, arg)
         if self.artifacts is None:
-            raise InvalidInput("artifact", "this service has no artifact store")
+            raise InvalidInput(arg, "this service has no artifact store")
         record = await self.artifacts.read(artifact_id)
         parent = None
         if record.get("parent_id"):
@@ -231,8 +288,48 @@ class CellposeService:
                 parent = None
         if not can_read(caller, record, parent):
             # Do not reveal whether it exists.
-            raise NotFound("artifact", artifact_id, "Or you may not read it.")
-        return artifact_id
+            raise NotFound(
+                "artifact" if arg == "artifact" else f"{arg}: artifact",
+                artifact_id,
+                "Or you may not read it.",
+            )
+        return record
+
+    async def _published_model(self, model: str, caller: Caller) -> ModelRef:
+        """A model exported to an artifact, downloaded once per artifact version."""
+        record = await self._readable_record(model, caller, "model")
+        artifact_id = parse_artifact_id(model, "model")
+        if record.get("type") != "model":
+            raise InvalidInput(
+                "model",
+                f"{artifact_id!r} is a {record.get('type') or 'plain'} artifact, not a model",
+            )
+        assert self.artifacts is not None
+        files = await self.artifacts.list_dir(artifact_id, "")
+        weights = next((f for f in _WEIGHT_FILES if f in files), None) or next(
+            (f for f in sorted(files) if f.endswith(".pth")), None
+        )
+        if weights is None:
+            raise InvalidInput("model", f"{artifact_id!r} holds no .pth weights")
+        stamp = re.sub(r"[^A-Za-z0-9_.-]", "_", str(record.get("last_modified") or "0"))
+        dest = (
+            self.config.models_dir
+            / "published"
+            / artifact_id.replace("/", "__")
+            / stamp
+            / Path(weights).name
+        )
+        if not dest.is_file():
+            await self.artifacts.fetch_file(artifact_id, weights, dest)
+        return ModelRef(artifact_id, str(dest), "published")
+
+    async def _resolve_model(self, model: Any, caller: Caller) -> ModelRef:
+        """Pretrained names, checkpoints, your sessions, or a published model artifact."""
+        if isinstance(model, str) and _is_artifact_ref(model.strip()) and self.artifacts:
+            if caller.is_anonymous:
+                raise Forbidden("anonymous callers may only run model 'cpsam' on input_arrays")
+            return await self._published_model(model.strip(), caller)
+        return self.resolver.resolve(model, owner=caller.id)
 
     # ------------------------------------------------------------------ models
     @api_method
@@ -269,22 +366,32 @@ class CellposeService:
     @api_method
     async def infer(
         self,
-        model: str = "cpsam",
         artifact: str | None = None,
         image_paths: list[str] | None = None,
         input_arrays: list[Any] | None = None,
+        model: str = "cpsam",
         diameter: float | None = None,
         flow_threshold: float = 0.4,
         cellprob_threshold: float = 0.0,
         niter: int | None = None,
+        return_flows: bool = False,
+        return_flows_only: bool = False,
+        json_safe: bool = False,
+        enable_clahe: bool = False,
         context: Any = None,
     ) -> list[dict[str, Any]]:
-        """Segment images. Returns one dict per image with key "output" (uint16/uint32 labels).
+        """Segment images. Returns one dict per image: "input_path" and "output" (labels).
 
-        model: "cpsam", a checkpoint name, or one of your training session ids.
         artifact + image_paths: images in a dataset artifact you may read.
-        input_arrays: numpy arrays (C,H,W) or (H,W).
+        input_arrays: numpy arrays (C,H,W) or (H,W) (or (H,W,3) RGB).
+        model: "cpsam", a checkpoint name, one of your training session ids, or a
+        model artifact exported by this service ("workspace/alias" or its URL).
         diameter: object diameter in pixels; None means no rescaling (cellpose 4 has no size model).
+        return_flows: add "flows" = [HSV flow picture, dP (2,H,W), cell probability (H,W)].
+        return_flows_only: "output" is {"dP", "cellprob"}; no masks, thresholds unused.
+        json_safe: "output" is a PNG overlay {"encoding": "mask_png_base64", "width",
+        "height", "object_count", "png_base64"} for browsers.
+        enable_clahe: contrast-limited histogram equalisation first (grey image).
         """
         caller = caller_from_context(context)
         settings = InferenceSettings(
@@ -292,12 +399,17 @@ class CellposeService:
             flow_threshold=flow_threshold,
             cellprob_threshold=cellprob_threshold,
             niter=niter,
+            enable_clahe=bool(enable_clahe),
+            return_flows=bool(return_flows),
+            compute_masks=not bool(return_flows_only),
         )
         if (input_arrays is None) == (image_paths is None):
             raise InvalidInput("input_arrays", "give either input_arrays or artifact + image_paths")
+        if model is None or model == "":
+            model = "cpsam"
         if caller.is_anonymous and (model != "cpsam" or input_arrays is None):
             raise Forbidden("anonymous callers may only run model 'cpsam' on input_arrays")
-        ref = self.resolver.resolve(model, owner=caller.id)
+        ref = await self._resolve_model(model, caller)
         images: list[np.ndarray] = []
         names: list[str] = []
         if input_arrays is not None:
@@ -333,8 +445,33 @@ class CellposeService:
             for p in paths:
                 images.append(read_image(local[p], max_pixels=self.config.max_pixels))
                 names.append(p)
-        masks = await self.inference.segment(ref, images, names, settings)
-        return [{"output": m} for m in masks]
+        results = await self.inference.segment(ref, images, names, settings)
+        return [
+            self._result_item(name, result, settings, bool(json_safe))
+            for name, result in zip(names, results, strict=True)
+        ]
+
+    @staticmethod
+    def _result_item(
+        name: str, result: Any, settings: InferenceSettings, json_safe: bool
+    ) -> dict[str, Any]:
+        """One image's answer in the original's shape."""
+        if not isinstance(result, Segmentation):
+            result = Segmentation(masks=result)
+        item: dict[str, Any] = {"input_path": name}
+        if not settings.compute_masks:
+            assert result.flows is not None
+            dp, cellprob = result.flows[1], result.flows[2]
+            item["output"] = {
+                "dP": np.ascontiguousarray(dp, dtype="float32"),
+                "cellprob": np.ascontiguousarray(cellprob, dtype="float32"),
+            }
+            return item
+        assert result.masks is not None
+        item["output"] = encode_mask_png(result.masks) if json_safe else result.masks
+        if settings.return_flows and result.flows is not None:
+            item["flows"] = [np.ascontiguousarray(f) for f in result.flows]
+        return item
 
     def _check_pixels(self, shape: tuple[int, ...], name: str) -> None:
         if int(np.prod(shape, dtype="float64")) > self.config.max_pixels:
@@ -343,20 +480,134 @@ class CellposeService:
             )
 
     # ------------------------------------------------------------------ training
+    def _check_data_args(
+        self,
+        train_images: Any,
+        train_annotations: Any,
+        metadata_dir: Any,
+        test_images: Any,
+        test_annotations: Any,
+    ) -> dict[str, str]:
+        """Check the pairing arguments; returns the specs given (metadata_dir included)."""
+        if (test_images is None) != (test_annotations is None):
+            missing = "test_annotations" if test_annotations is None else "test_images"
+            raise InvalidInput(missing, "test_images and test_annotations must be given together")
+        if metadata_dir is None and (train_images is None or train_annotations is None):
+            missing = "train_images" if train_images is None else "train_annotations"
+            raise InvalidInput(missing, "give train_images and train_annotations, or metadata_dir")
+        if (train_images is None) != (train_annotations is None):
+            missing = "train_annotations" if train_annotations is None else "train_images"
+            raise InvalidInput(missing, "train_images and train_annotations go together")
+        specs: dict[str, str] = {}
+        for arg, spec in (
+            ("train_images", train_images),
+            ("train_annotations", train_annotations),
+            ("test_images", test_images),
+            ("test_annotations", test_annotations),
+            ("metadata_dir", metadata_dir),
+        ):
+            if spec is None:
+                continue
+            if not isinstance(spec, str) or not spec.strip():
+                raise InvalidInput(arg, "must be a non-empty string")
+            specs[arg] = spec
+        if "metadata_dir" in specs:
+            specs["metadata_dir"] = safe_relpath(
+                specs["metadata_dir"].rstrip("/") + "/", "metadata_dir"
+            )
+        if "train_images" in specs:
+            check_specs(specs["train_images"], specs["train_annotations"])
+        if "test_images" in specs:
+            check_specs(
+                specs["test_images"],
+                specs["test_annotations"],
+                images_arg="test_images",
+                annotations_arg="test_annotations",
+            )
+        return specs
+
+    async def _resolve_pairs(
+        self, artifact_id: str, specs: dict[str, str]
+    ) -> tuple[list[Pair], list[Pair], int]:
+        """List the dataset and pair its files: (train, test, files listed)."""
+        assert self.artifacts is not None
+        pattern_specs = [v for k, v in specs.items() if k != "metadata_dir"]
+        names = await self.artifacts.list_specs(artifact_id, pattern_specs) if pattern_specs else []
+        train: list[Pair] = []
+        test: list[Pair] = []
+        if "metadata_dir" in specs:
+            train, test, listed = await self._metadata_pairs(artifact_id, specs["metadata_dir"])
+            names = list(dict.fromkeys([*names, *listed]))
+        if len(names) > self.config.max_files:
+            raise ResourceLimit(
+                f"the dataset lists {len(names)} files (limit {self.config.max_files})"
+            )
+        if not train and "train_images" in specs:
+            train = pair_files(specs["train_images"], specs["train_annotations"], names)
+        if not train:
+            raise InvalidInput(
+                "metadata_dir", "no image/annotation records in its JSON files (see docs/api.md)"
+            )
+        if "test_images" in specs:
+            test = pair_files(
+                specs["test_images"],
+                specs["test_annotations"],
+                names,
+                images_arg="test_images",
+                annotations_arg="test_annotations",
+            )
+        return train, test, len(names)
+
+    async def _metadata_pairs(
+        self, artifact_id: str, metadata_dir: str
+    ) -> tuple[list[Pair], list[Pair], list[str]]:
+        """Pairs from the JSON files below ``metadata_dir`` (the original's format)."""
+        assert self.artifacts is not None
+        folder = spec_dir(metadata_dir)
+        try:
+            below = await self.artifacts.list_tree(
+                artifact_id, folder, max_files=self.config.max_files
+            )
+        except NotFound:
+            below = []
+        json_files = [n for n in below if n.lower().endswith(".json")]
+        if not json_files:
+            raise InvalidInput(
+                "metadata_dir", f"no JSON files in {metadata_dir!r} of {artifact_id!r}"
+            )
+        local = await self.artifacts.download(artifact_id, json_files)
+        documents = {}
+        for name in json_files:
+            if local[name].stat().st_size > 16 * 1024 * 1024:
+                raise ResourceLimit(f"metadata_dir: {name} is larger than 16 MiB")
+            documents[name] = load_metadata_document(local[name].read_bytes(), name)
+        train, test = pairs_from_metadata(documents)
+        folders = {
+            posixpath.dirname(p) for pair in (*train, *test) for p in (pair.image, pair.annotation)
+        }
+        listed = await self.artifacts.list_specs(artifact_id, sorted(folders)) if folders else []
+        pairs_from_metadata(documents, listed)  # every listed file must exist
+        return train, test, listed
+
     @api_method
     async def start_training(
         self,
         artifact: str,
-        train_images: str,
-        train_annotations: str,
+        train_images: str | None = None,
+        train_annotations: str | None = None,
+        metadata_dir: str | None = None,
         test_images: str | None = None,
         test_annotations: str | None = None,
         model: str = "cpsam",
+        n_samples: int | float | None = None,
         n_epochs: int = 10,
-        n_samples: int | None = None,
         learning_rate: float = 1e-6,
         weight_decay: float = 0.0001,
+        min_train_masks: int = 5,
         validation_interval: int | None = None,
+        enable_clahe: bool = False,
+        rescale: bool = False,
+        label: str | None = None,
         context: Any = None,
         **extra: Any,
     ) -> dict[str, Any]:
@@ -364,20 +615,30 @@ class CellposeService:
 
         train_images/train_annotations: two folders ending in "/" (same file names) or two
         patterns with one "*" whose matched parts must be equal ("images/*.tif",
-        "annotations/*_mask.tif"). test_images/test_annotations: the same, for validation.
-        Extra settings: batch_size, min_train_masks, lr_schedule, warmup_epochs, seed.
+        "annotations/*_mask.tif"). Or metadata_dir: a folder of JSON files listing the
+        image/annotation pairs. test_images/test_annotations: the same, for validation.
+        model: "cpsam", a checkpoint name, one of your sessions, or a model artifact
+        exported by this service. n_samples: a count, or a fraction between 0 and 1.
+        label: free text to find the session by (list_training_sessions(labels=...)).
+        Extra settings: see get_training_capabilities().
         """
         caller = caller_from_context(context)
         caller.require_login("start_training")
-        if (test_images is None) != (test_annotations is None):
-            missing = "test_annotations" if test_annotations is None else "test_images"
-            raise InvalidInput(missing, "test_images and test_annotations must be given together")
-        allowed_extra = {"batch_size", "min_train_masks", "lr_schedule", "warmup_epochs", "seed"}
+        specs = self._check_data_args(
+            train_images, train_annotations, metadata_dir, test_images, test_annotations
+        )
+        hidden = {"device", "checkpoint_interval_s"}
+        allowed_extra = set(TrainingSettings.model_fields) - hidden
         unknown = set(extra) - allowed_extra
         if unknown:
             raise InvalidInput(sorted(unknown)[0], "unknown argument")
+        if label is not None and (not isinstance(label, str) or len(label) > 200):
+            raise InvalidInput("label", "must be a string of at most 200 characters")
+        label = label.strip() or None if isinstance(label, str) else None
         if isinstance(n_epochs, int) and n_epochs > self.config.max_epochs:
             raise ResourceLimit(f"n_epochs: at most {self.config.max_epochs} on this service")
+        if model is None or model == "":
+            model = "cpsam"
         settings = validate_settings(
             dict(
                 model=model,
@@ -385,12 +646,16 @@ class CellposeService:
                 n_samples=n_samples,
                 learning_rate=learning_rate,
                 weight_decay=weight_decay,
+                min_train_masks=min_train_masks,
                 validation_interval=validation_interval,
+                enable_clahe=enable_clahe,
+                rescale=rescale,
                 **extra,
             ),
-            has_test_data=test_images is not None,
+            # metadata_dir may list test records; that is known only once it is read.
+            has_test_data=test_images is not None or "metadata_dir" in specs,
         )
-        base = self.resolver.resolve(settings.model, owner=caller.id)
+        base = await self._resolve_model(settings.model, caller)
         settings = settings.model_copy(update={"model": base.source})
         active = [
             s
@@ -402,26 +667,13 @@ class CellposeService:
                 f"you already have {len(active)} active training sessions "
                 f"(limit {self.config.max_active_sessions_per_user}); stop one first"
             )
-        specs = {"train_images": train_images, "train_annotations": train_annotations}
-        if test_images is not None:
-            specs.update(test_images=test_images, test_annotations=test_annotations)
-        for arg, spec in specs.items():
-            if not isinstance(spec, str):
-                raise InvalidInput(arg, "must be a string")
-        check_specs(train_images, train_annotations)
-        if test_images is not None and test_annotations is not None:
-            check_specs(
-                test_images,
-                test_annotations,
-                images_arg="test_images",
-                annotations_arg="test_annotations",
-            )
         artifact_id = await self._readable_artifact(artifact, caller)
         session = self.sessions.create(
             settings,
             DataSpec(train=[], dataset_artifact_id=artifact_id, source=specs),
             owner=caller.id,
             message="Preparing: listing the dataset",
+            label=label,
         )
         session.update_status(status_type="preparing", model=model)
         task = asyncio.get_running_loop().create_task(self._prepare(session, artifact_id, specs))
@@ -433,21 +685,7 @@ class CellposeService:
         """List, pair and download the data, then queue the session."""
         assert self.artifacts is not None
         try:
-            names = await self.artifacts.list_specs(artifact_id, specs.values())
-            if len(names) > self.config.max_files:
-                raise ResourceLimit(
-                    f"the dataset lists {len(names)} files (limit {self.config.max_files})"
-                )
-            train = pair_files(specs["train_images"], specs["train_annotations"], names)
-            test = []
-            if "test_images" in specs:
-                test = pair_files(
-                    specs["test_images"],
-                    specs["test_annotations"],
-                    names,
-                    images_arg="test_images",
-                    annotations_arg="test_annotations",
-                )
+            train, test, n_listed = await self._resolve_pairs(artifact_id, specs)
             settings = session.settings
             train = select_samples(train, settings.n_samples, settings.seed)
             wanted = [p for pair in (*train, *test) for p in (pair.image, pair.annotation)]
@@ -464,7 +702,7 @@ class CellposeService:
                 train=[(str(local[p.image]), str(local[p.annotation])) for p in train],
                 test=[(str(local[p.image]), str(local[p.annotation])) for p in test],
                 dataset_artifact_id=artifact_id,
-                source={**specs, "n_available": len(names)},
+                source={**specs, "n_available": n_listed},
             )
             atomic_write_json(session.path / "data.json", data.to_json())
             session.update_status(n_train=len(train), n_test=len(test))
@@ -482,6 +720,88 @@ class CellposeService:
             session.update_status(
                 status_type="failed", message=f"Preparing the data failed: {message}"
             )
+
+    @api_method
+    async def preflight_training_dataset(
+        self,
+        artifact: str,
+        train_images: str | None = None,
+        train_annotations: str | None = None,
+        metadata_dir: str | None = None,
+        test_images: str | None = None,
+        test_annotations: str | None = None,
+        n_samples: int | float | None = None,
+        check_masks: bool = False,
+        context: Any = None,
+    ) -> dict[str, Any]:
+        """Check a dataset's pairing before training, without training.
+
+        Returns ok, train_pair_count, test_pair_count, n_samples_resolved and message (the
+        original's keys). With check_masks=True every pair is also downloaded and read as
+        training would read it; "problems" then lists each file that is wrong.
+        """
+        caller = caller_from_context(context)
+        caller.require_login("preflight_training_dataset")
+        specs = self._check_data_args(
+            train_images, train_annotations, metadata_dir, test_images, test_annotations
+        )
+        if n_samples is not None:
+            resolve_n_samples(n_samples, 1)  # a clear error for 1.5, 0, "x"
+        artifact_id = await self._readable_artifact(artifact, caller)
+        try:
+            train, test, _listed = await self._resolve_pairs(artifact_id, specs)
+        except (InvalidInput, ResourceLimit) as exc:
+            return {
+                "ok": False,
+                "train_pair_count": 0,
+                "test_pair_count": 0,
+                "message": str(exc),
+            }
+        resolved = resolve_n_samples(n_samples, len(train)) if n_samples is not None else None
+        message = f"Resolved {len(train)} training pair(s)"
+        if resolved is not None and resolved < len(train):
+            message += f"; {resolved} will be used (n_samples={n_samples})"
+        if test:
+            message += f"; {len(test)} test pair(s)"
+        out: dict[str, Any] = {
+            "ok": True,
+            "train_pair_count": len(train),
+            "test_pair_count": len(test),
+            "message": message + ".",
+        }
+        if resolved is not None:
+            out["n_samples_resolved"] = min(resolved, len(train))
+        if check_masks:
+            problems = await self._check_pairs(artifact_id, [*train, *test])
+            out["problems"] = problems
+            if problems:
+                out["ok"] = False
+                out["message"] += f" {len(problems)} file(s) cannot be used: see problems."
+        return out
+
+    async def _check_pairs(self, artifact_id: str, pairs: list[Pair]) -> list[str]:
+        """Read every pair as training would; one line per file that fails."""
+        from cellpose_finetuning.io.images import read_mask
+
+        assert self.artifacts is not None
+        wanted = [p for pair in pairs for p in (pair.image, pair.annotation)]
+        local = await self.artifacts.download(artifact_id, wanted)
+
+        def check() -> list[str]:
+            problems = []
+            for pair in pairs:
+                try:
+                    img = read_image(local[pair.image], max_pixels=self.config.max_pixels)
+                    read_mask(local[pair.annotation], expected_shape=tuple(img.shape[-2:]))
+                except CellposeFinetuningError as exc:
+                    problems.append(
+                        str(exc)
+                        .replace(str(local[pair.image]), pair.image)
+                        .replace(str(local[pair.annotation]), pair.annotation)
+                    )
+            return problems
+
+        return await asyncio.to_thread(check)
 
     @api_method
     async def get_training_status(self, session_id: str, context: Any = None) -> dict[str, Any]:
@@ -509,46 +829,106 @@ class CellposeService:
     async def restart_training(
         self, session_id: str, n_epochs: int | None = None, context: Any = None
     ) -> dict[str, Any]:
-        """Continue one of your sessions from its last weights (and optimizer state)."""
+        """Continue one of your sessions from its last weights (and optimizer state).
+
+        The session keeps its id (the original made a new one); the answer carries
+        "restarted_from" and "last_continued_time" as the original's did.
+        """
         session = self._session(session_id, caller_from_context(context))
         if not session.data.train:
             raise InvalidInput("session_id", "this session never got its data; start a new one")
         continue_session(session, n_epochs)
+        session.update_status(last_continued_time=datetime.now(UTC).isoformat())
         self.queue.submit(session, resume=True)
-        return _status_dict(session)
+        return {**_status_dict(session), "restarted_from": session.id}
 
     @api_method
-    async def list_training_sessions(self, context: Any = None) -> list[dict[str, Any]]:
-        """Your training sessions, oldest first, with their status."""
+    async def list_training_sessions(
+        self,
+        status_types: list[str] | None = None,
+        dataset_artifact_ids: list[str] | None = None,
+        labels: list[str] | None = None,
+        limit: int = 50,
+        context: Any = None,
+    ) -> dict[str, dict[str, Any]]:
+        """Your training sessions, newest first: {session_id: status}.
+
+        status_types, dataset_artifact_ids, labels: keep only sessions matching one of the
+        values. limit: at most this many (1-1000).
+        """
         caller = caller_from_context(context)
         caller.require_login("list_training_sessions")
-        out = []
-        for session in self.sessions.list(owner=caller.id):
-            st = session.read_status()
-            out.append(
-                {
-                    "session_id": session.id,
-                    "status_type": st.status_type,
-                    "message": st.message,
-                    "model": st.model,
-                    "dataset_artifact_id": st.dataset_artifact_id,
-                    "current_epoch": st.current_epoch,
-                    "total_epochs": st.total_epochs,
-                    "start_time": st.start_time,
-                }
+        filters: dict[str, set[str] | None] = {}
+        for arg, values in (
+            ("status_types", status_types),
+            ("dataset_artifact_ids", dataset_artifact_ids),
+            ("labels", labels),
+        ):
+            if values is None:
+                filters[arg] = None
+                continue
+            if isinstance(values, str):
+                values = [values]
+            if not isinstance(values, list | tuple) or not all(isinstance(v, str) for v in values):
+                raise InvalidInput(arg, "must be a list of strings")
+            filters[arg] = set(values)
+        unknown = (filters["status_types"] or set()) - _STATUS_TYPES
+        if unknown:
+            raise InvalidInput(
+                "status_types", f"unknown {sorted(unknown)}; use {sorted(_STATUS_TYPES)}"
             )
+        if isinstance(limit, bool) or not isinstance(limit, int) or not 1 <= limit <= 1000:
+            raise InvalidInput("limit", f"must be a whole number from 1 to 1000, got {limit!r}")
+        out: dict[str, dict[str, Any]] = {}
+        # Session ids start with their creation time: newest first is reverse order.
+        for session in reversed(self.sessions.list(owner=caller.id)):
+            st = session.read_status()
+            if (
+                filters["status_types"] is not None
+                and st.status_type not in filters["status_types"]
+            ):
+                continue
+            wanted_ids = filters["dataset_artifact_ids"]
+            if wanted_ids is not None and st.dataset_artifact_id not in wanted_ids:
+                continue
+            if filters["labels"] is not None and st.label not in filters["labels"]:
+                continue
+            out[session.id] = _status_dict(session, st)
+            if len(out) >= limit:
+                break
         return out
 
     @api_method
     async def delete_training_session(self, session_id: str, context: Any = None) -> dict[str, Any]:
-        """Delete one of your sessions that is not running."""
+        """Delete one of your sessions that is not running. Returns {"deleted": session_id}."""
         caller = caller_from_context(context)
         session = self._session(session_id, caller)
         if self.queue.is_running(session.id) or session.id in self._prepare_tasks:
             raise InvalidInput("session_id", "the session is running; stop it first")
         self.queue.cancel(session.id)
         self.sessions.delete(session.id, owner=caller.id)
-        return {"session_id": session_id, "deleted": True}
+        return {"deleted": session.id, "session_id": session.id}
+
+    @api_method
+    async def debug_task_info(self, session_id: str, context: Any = None) -> dict[str, Any]:
+        """Where one of your sessions is in this service: preparing task, queue, worker."""
+        caller = caller_from_context(context)
+        session = self._session(session_id, caller)
+        mine = {s.id for s in self.sessions.list(owner=caller.id)}
+        task = self._prepare_tasks.get(session.id)
+        running = self.queue.is_running(session.id)
+        info: dict[str, Any] = {
+            "session_id": session.id,
+            "status_type": session.read_status().status_type,
+            "task_exists": task is not None or running,
+            "executor_exists": running,
+            "all_tasks": sorted(i for i in self._prepare_tasks if i in mine),
+            "all_executors": sorted(i for i in mine if self.queue.is_running(i)),
+        }
+        if task is not None:
+            info["task_done"] = task.done()
+            info["task_cancelled"] = task.cancelled()
+        return info
 
     # ------------------------------------------------------------------ export
     async def _collection(self, collection: str, arg: str = "collection") -> dict[str, Any]:
@@ -564,7 +944,10 @@ class CellposeService:
     async def export_model(
         self,
         session_id: str,
-        model_name: str,
+        model_name: str | None = None,
+        description: str | None = None,
+        authors: list[dict[str, Any]] | None = None,
+        uploader: dict[str, Any] | None = None,
         collection: str = DEFAULT_COLLECTION,
         checkpoint: str = "best",
         license: str | None = None,
@@ -576,8 +959,12 @@ class CellposeService:
 
         Returns artifact_id, model_name, status ("exported"), artifact_url, download_url (zip)
         and files. The package is validated with bioimageio.spec before anything is uploaded.
+        model_name: default "cellpose-<session id>". description is added to the model's
+        description; authors: [{name, affiliation, ...}]; uploader: {name, email}.
+        Exporting a session again before it trains further returns the first export.
         flow_threshold/cellprob_threshold are baked into the exported model.
         """
+        import json
         import tempfile
 
         from cellpose_finetuning.errors import Conflict
@@ -593,9 +980,22 @@ class CellposeService:
                 f"session {session.id!r} is {status.status_type}; "
                 "only completed or stopped sessions can be exported",
             )
-        if not isinstance(model_name, str) or not re.fullmatch(
-            r"[a-z0-9][a-z0-9-]{2,62}", model_name
+        if description is not None and not isinstance(description, str):
+            raise InvalidInput("description", "must be a string")
+        author_list = normalize_authors(authors)
+        uploader_info = normalize_uploader(uploader)
+        previous = session.path / "export.json"
+        if (
+            status.exported_artifact_id
+            and status.model_modified is False
+            and previous.is_file()
+            and model_name in (None, status.exported_artifact_id.split("/")[-1])
         ):
+            # The original returns the earlier export of an unchanged model.
+            return json.loads(previous.read_text())
+        if model_name is None or model_name == "":
+            model_name = default_model_name(session.id)
+        if not isinstance(model_name, str) or not MODEL_NAME.fullmatch(model_name):
             raise InvalidInput(
                 "model_name", f"use 3-63 lowercase letters, digits and hyphens (got {model_name!r})"
             )
@@ -623,7 +1023,9 @@ class CellposeService:
                 model_name=model_name,
                 license=license,
                 inference=inference,
-                authors=[caller.id],
+                authors=author_list or [caller.id],
+                description=description,
+                uploader=uploader_info,
             )
             import yaml
 
@@ -643,7 +1045,7 @@ class CellposeService:
                 am, art["id"], {p.name: p for p in result.path.iterdir() if p.is_file()}
             )
         url = f"{self.server_url}/{workspace}/artifacts/{model_name}"
-        return {
+        answer = {
             "artifact_id": art["id"],
             "model_name": model_name,
             "status": "exported",
@@ -651,6 +1053,9 @@ class CellposeService:
             "download_url": f"{url}/create-zip-file",
             "files": names,
         }
+        atomic_write_json(previous, answer)
+        session.update_status(exported_artifact_id=art["id"], model_modified=False)
+        return answer
 
     @api_method
     async def list_models_by_dataset(

@@ -150,7 +150,9 @@ export class TrainPanel {
 
   async refresh() {
     clearTimeout(this.listTimer);
-    const list = await this.conn.call("list_training_sessions");
+    // {session_id: status}, newest first (the original service's shape); oldest first here.
+    const sessions = await this.conn.call("list_training_sessions");
+    const list = Object.values(sessions || {}).filter((s) => s && s.session_id).reverse();
     this.app.setSessions(list);
     const table = $("#sessions-table");
     table.replaceChildren();
