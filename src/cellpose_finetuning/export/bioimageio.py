@@ -1646,11 +1646,14 @@ def export_command_impl(
     inference: InferenceSettings | None = None,
     run_test: bool = False,
     overwrite: bool = False,
+    **metadata: Any,
 ) -> dict[str, Any]:
     """``cellpose-finetuning export SESSION_DIR --out model.zip``.
 
     ``out`` ending in ``.zip`` writes the package folder next to it
     (``<stem>/``) and the zip; anything else is the package folder.
+    ``metadata`` goes to :func:`build_package` (``description``, ``authors``,
+    ``uploader``, ``cite``, ``tags``, ``documentation``, ``format``).
 
     Returns
     -------
@@ -1674,6 +1677,7 @@ def export_command_impl(
         license=license,
         inference=inference,
         overwrite=overwrite,
+        **metadata,
     )
     if zip_path is not None:
         zip_package(folder, zip_path)
