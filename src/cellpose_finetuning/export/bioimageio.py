@@ -1592,7 +1592,10 @@ def zip_package(package_dir: str | os.PathLike[str], zip_path: str | os.PathLike
 
 
 def test_package(
-    source: str | os.PathLike[str], *, devices: Sequence[str] | None = None
+    source: str | os.PathLike[str],
+    *,
+    devices: Sequence[str] | None = None,
+    weight_format: str | None = None,
 ) -> ModelTestReport:
     """Run ``bioimageio.core``'s model test on a package folder or zip.
 
@@ -1600,6 +1603,9 @@ def test_package(
     ``output_sample.npy`` from ``input_sample.npy`` within the tolerance in
     ``config.bioimageio.reproducibility_tolerance``, and runs the model on
     inputs of other sizes and batch sizes.
+
+    ``weight_format`` tests one format (``pytorch_state_dict``,
+    ``torchscript``, ``onnx``); by default every format in the package.
 
     Returns
     -------
@@ -1613,7 +1619,11 @@ def test_package(
         path = path / "rdf.yaml"
     if not path.exists():
         raise InvalidInput(str(source), "no such package")
-    summary = test_model(path, devices=list(devices) if devices else None)
+    summary = test_model(
+        path,
+        weight_format=weight_format,  # type: ignore[arg-type]
+        devices=list(devices) if devices else None,
+    )
     errors, warnings = _summary_messages(summary)
     tests = [
         {
