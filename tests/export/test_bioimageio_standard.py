@@ -2,9 +2,9 @@
 the spec's (scale_range, cellpose_flow_dynamics).
 
 One package is built through the CLI (with every metadata option) from a hand-made session
-with an untrained tiny network. Its cell probability is roughly N(0, 0.5), so a threshold of
-0.6 keeps ~10 % of the pixels: enough noise objects to compare label images, few enough for
-cellpose's flow dynamics to stay fast.
+with an untrained tiny network, at thresholds that let it output many (noise) labels
+(cellprob -3, no flow check: with fewer foreground pixels its random flows find no seeds),
+so the comparisons are between non-trivial label images.
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ from cellpose_finetuning.export import bioimageio as bx
 from cellpose_finetuning.export import bioimageio_standard as std
 from tests.export.test_bioimageio import DATASET_ID, _make_session
 
-THRESHOLDS = {"cellprob_threshold": 0.6, "flow_threshold": 0.0}
+THRESHOLDS = {"cellprob_threshold": -3.0, "flow_threshold": 0.0}
 FORMATS = std.WEIGHT_FORMATS
 
 
@@ -211,12 +211,11 @@ def test_package_labels_on_its_tile_match_the_engine(package, session):
     assert expected.max() > 1
     output = np.load(package / "output_sample.npy")
     np.testing.assert_array_equal(output[0, 0], expected)
-    for wf in FORMATS:
+    # (the model test reproduces output_sample.npy with every format; here the converted
+    # networks' labels are also matched object by object)
+    for wf in ("torchscript", "onnx"):
         labels = std.run_package_on_test_input(package, wf)[0, 0]
-        if wf == "pytorch_state_dict":
-            np.testing.assert_array_equal(labels, expected)
-        else:
-            assert _ap50(expected, labels) >= 0.99, wf
+        assert _ap50(expected, labels) >= 0.99, wf
 
 
 def test_infer_with_the_package_zip_gives_the_sessions_masks(
@@ -232,7 +231,7 @@ def test_infer_with_the_package_zip_gives_the_sessions_masks(
     for name, model in (("session", session.path), ("zip", exported["zip_path"])):
         out = tmp_path / name
         args = ["infer", "--model", str(model), str(image), "--out", str(out)]
-        args += ["--cellprob-threshold", "0.6", "--flow-threshold", "0"]
+        args += ["--cellprob-threshold", "-3", "--flow-threshold", "0"]
         result = CliRunner().invoke(main, args, catch_exceptions=False)
         assert result.exit_code == 0, result.output
         masks[name] = read_mask(next(out.glob("*_masks.tif")))
