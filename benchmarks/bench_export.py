@@ -39,9 +39,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import CaseResult, Context, Row, summarize, write_json
 
 TITLE = "Export: real-size Cellpose-SAM as a standard-form BioImage.IO package (CPU)"
-#: Random weights find cells everywhere at cellpose's threshold; a high one keeps the
-#: flow dynamics of the test output short (the export needs at least one object).
-CELLPROB_THRESHOLD = 2.0
+#: Random weights: every pixel counts as foreground (their flows still converge into many
+#: small objects), so the first sample image gives the non-empty test output the export needs.
+CELLPROB_THRESHOLD = -10.0
 
 
 def _session(root: Path, preset: str) -> Any:

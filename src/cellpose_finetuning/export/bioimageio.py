@@ -614,20 +614,21 @@ def _tags(tags: Sequence[str] | None) -> list[str]:
 
 
 def _documentation(documentation: str | os.PathLike[str] | None) -> str | None:
-    """Markdown text, or the text of a ``.md`` file."""
+    """Markdown: a ``str`` is the text itself, a path (``os.PathLike``) a file to read.
+
+    A string is never opened as a file, so a service passing a caller's text
+    cannot be made to publish a file of the server.
+    """
     if documentation is None:
         return None
-    if isinstance(documentation, os.PathLike) or (
-        isinstance(documentation, str)
-        and "\n" not in documentation
-        and documentation.lower().endswith((".md", ".markdown", ".txt"))
-    ):
+    if isinstance(documentation, os.PathLike):
         path = Path(documentation)
         if not path.is_file():
             raise InvalidInput("documentation", f"no such file: {path}")
         return path.read_text(encoding="utf-8")
-    text = str(documentation).strip()
-    return text or None
+    if not isinstance(documentation, str):
+        raise InvalidInput("documentation", "must be markdown text or a file path")
+    return documentation.strip() or None
 
 
 def _valid_dataset_id(dataset_id: str | None) -> bool:
@@ -1212,9 +1213,10 @@ def build_package(
         Cellpose-SAM's and SAM's.
     tags : list of str, optional
         Extra tags (e.g. modality and content tags).
-    documentation : str or path-like, optional
-        Markdown text, or a ``.md`` file, put at the top of ``doc.md`` (the
-        generated training, validation and usage sections follow).
+    documentation : str or os.PathLike, optional
+        Markdown put at the top of ``doc.md`` (the generated training,
+        validation and usage sections follow): a ``str`` is the text, a
+        ``pathlib.Path`` a file to read.
     license : str, optional
         SPDX id. Default: the base model's (BSD-3-Clause for Cellpose-SAM,
         as on MouseLand's Hugging Face card), MIT for networks trained from
