@@ -4,27 +4,36 @@ A package is a folder (or its zip) that ``bioimageio.spec`` validates and
 ``bioimageio.core`` runs::
 
     rdf.yaml            the model description (format 0.5, current spec version)
-    model.py            architecture: cellpose's Transformer + cellpose's eval
+    model.py            architecture of the pytorch_state_dict weights
     model_weights.pth   plain cellpose state dict (no extra entries; strict load)
-    input_sample.npy    one real image of the session, (1, C, H, W) float32
-    output_sample.npy   what model.py makes of it, (1, 1, H, W) int32 labels
+    input_sample.npy    a real image of the session, (1, C, H, W) float32
+    output_sample.npy   what the package makes of it, (1, 1, H, W) labels
     cover.png           that image beside its segmentation
     doc.md              base model, data, settings, curves, metrics, usage, license
     environment.yaml    conda environment for the weights (``dependencies``)
     training_curves.png the session's loss/metric curves (an attachment)
     sample_input.tif    the test tensors as TIFF (the spec's ``sample_tensor``)
     sample_output.tif
+    model_torchscript.pt, model.onnx(.data)   standard form only
 
-The model takes raw images and returns instance labels: cellpose's
-normalisation, tiling and flow dynamics run inside ``model.py`` (see
-:mod:`cellpose_finetuning.export.bioimageio_model`), so the description lists
-no pre- or post-processing steps and the spatial axes accept any size.
+Two forms (``format``):
+
+- ``standard`` (default): ``model.py`` is the network alone
+  (:mod:`.bioimageio_network`) on 256 px tiles with an output halo;
+  cellpose's normalisation is the spec's ``scale_range`` preprocessing and
+  its flow dynamics the ``cellpose_flow_dynamics`` postprocessing; weights
+  also as ``torchscript`` and ``onnx`` (:mod:`.bioimageio_standard`). The
+  test tensors are a 256 px tile and what ``bioimageio.core`` makes of it.
+- ``wrapper``: ``model.py`` runs cellpose's whole ``eval`` on raw images of
+  any size and returns labels (:mod:`.bioimageio_model`), so the
+  description lists no processing steps; for consumers without
+  ``cellpose_flow_dynamics`` (bioimageio.core < 0.11).
 
 The original service's export failed validation (extra top-level fields,
 ``parent`` as a string, ground truth as the test output, fixed image sizes,
 no batch axis on test tensors). Here every package is validated with the
 spec's own rules before :func:`build_package` returns, and an invalid one is
-refused with the spec's messages. Nothing here touches the network.
+refused with the spec's messages. A failed export leaves no files behind.
 """
 
 from __future__ import annotations
