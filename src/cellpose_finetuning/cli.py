@@ -388,7 +388,12 @@ def stop(session_dir: Path, wait: bool) -> None:
 
 # --------------------------------------------------------------------------- infer
 @main.command()
-@click.option("--model", required=True, help="'cpsam', a .pth checkpoint, or a session directory.")
+@click.option(
+    "--model",
+    required=True,
+    help="'cpsam', a .pth checkpoint, a session directory, or a BioImage.IO package (.zip or "
+    "folder) exported by cellpose-finetuning.",
+)
 @click.argument("images", nargs=-1, required=True, type=click.Path(path_type=Path))
 @click.option(
     "--out",
@@ -549,6 +554,37 @@ def infer(
 )
 @click.option("--alias", default=None, help="Artifact alias when publishing (default: name).")
 @click.option(
+    "--format",
+    "package_format",
+    type=click.Choice(["standard", "wrapper"]),
+    default="standard",
+    show_default=True,
+    help="standard: the network in pytorch_state_dict, torchscript and onnx, with bioimage.io's "
+    "scale_range and cellpose_flow_dynamics steps; wrapper: model.py runs all of cellpose "
+    "(labels out), for bioimageio.core < 0.11.",
+)
+@click.option(
+    "--author",
+    "authors",
+    multiple=True,
+    help='Repeatable. "Name", "Name; Affiliation" or a JSON object with name, affiliation, '
+    "email, github_user, orcid. Default: the session's owner.",
+)
+@click.option(
+    "--cite",
+    multiple=True,
+    help='Repeatable. "Text; DOI-or-URL" or a JSON object with text and doi/url; added after '
+    "the cellpose, Cellpose-SAM and SAM papers.",
+)
+@click.option("--tag", "tags", multiple=True, help="Repeatable. Extra tag, e.g. nuclei.")
+@click.option("--description", default=None, help="Model description (default: generated).")
+@click.option(
+    "--documentation",
+    type=click.Path(exists=True, dir_okay=False, path_type=Path),
+    default=None,
+    help="Markdown file put at the top of doc.md.",
+)
+@click.option(
     "--server-url",
     envvar="HYPHA_SERVER_URL",
     default=None,
@@ -573,6 +609,12 @@ def export(
     cellprob_threshold: float,
     publish: str | None,
     alias: str | None,
+    package_format: str,
+    authors: tuple[str, ...],
+    cite: tuple[str, ...],
+    tags: tuple[str, ...],
+    description: str | None,
+    documentation: Path | None,
     server_url: str | None,
     token: str | None,
 ) -> None:
@@ -599,12 +641,43 @@ def export(
         inference=inference,
         run_test=run_test,
         overwrite=overwrite,
+        format=package_format,
+        authors=[_parse_entry(a, "name", "affiliation", "--author") for a in authors] or None,
+        cite=[_parse_citation(c) for c in cite] or None,
+        tags=list(tags) or None,
+        description=description,
+        documentation=documentation,
     )
     if publish:
         report["published"] = _publish(
             report, session_dir, publish, alias or name, server_url, token
         )
     click.echo(json.dumps(report, indent=1, default=str))
+
+
+def _parse_entry(text: str, first: str, second: str, option: str) -> dict[str, Any]:
+    """A JSON object, or "first; second" (the second part optional)."""
+    text = text.strip()
+    if text.startswith("{"):
+        try:
+            value = json.loads(text)
+        except json.JSONDecodeError as exc:
+            raise click.BadParameter(f"not valid JSON: {exc}", param_hint=option) from None
+        if not isinstance(value, dict):
+            raise click.BadParameter("expected a JSON object", param_hint=option)
+        return value
+    head, _, tail = (part.strip() for part in text.partition(";"))
+    return {first: head, **({second: tail} if tail else {})}
+
+
+def _parse_citation(text: str) -> dict[str, Any]:
+    """ "Text; 10.xxx/yyy" (a DOI) or "Text; https://..." (a URL), or a JSON object."""
+    entry = _parse_entry(text, "text", "ref", "--cite")
+    ref = entry.pop("ref", None)
+    if ref:
+        key = "url" if ref.startswith(("http://", "https://")) else "doi"
+        entry[key] = ref.removeprefix("doi:").strip()
+    return entry
 
 
 def _publish(

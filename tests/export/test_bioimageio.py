@@ -1,4 +1,6 @@
-"""BioImage.IO export: packages that bioimageio.spec accepts and bioimageio.core runs.
+"""BioImage.IO export, wrapper form: packages that bioimageio.spec accepts and bioimageio.core runs.
+
+(The standard form, the default, is tested in ``test_bioimageio_standard.py``.)
 
 The session is made by hand (tiny untrained networks, a completed status
 with a few losses) instead of by training, to keep the module fast. An
@@ -74,7 +76,9 @@ def session(tmp_path_factory, train_pairs, test_pairs, tiny_model) -> Session:
 
 @pytest.fixture(scope="module")
 def package(session, tmp_path_factory) -> bx.PackageResult:
-    return bx.build_package(session, tmp_path_factory.mktemp("export") / "pkg", inference=NOISY)
+    return bx.build_package(
+        session, tmp_path_factory.mktemp("export") / "pkg", inference=NOISY, format="wrapper"
+    )
 
 
 @pytest.fixture(scope="module")
@@ -119,7 +123,9 @@ def test_validation_reports_the_specs_messages_for_a_broken_package(package, tmp
 
 def test_an_invalid_package_is_refused_with_the_specs_messages(session, tmp_path):
     with pytest.raises(bx.ExportError, match="name") as info:
-        bx.build_package(session, tmp_path / "pkg", model_name="abc", inference=NOISY)
+        bx.build_package(
+            session, tmp_path / "pkg", model_name="abc", inference=NOISY, format="wrapper"
+        )
     assert info.value.messages
 
 
@@ -237,6 +243,7 @@ def test_export_command_writes_a_valid_zip_of_the_last_checkpoint(session, tmp_p
         name="Nuclei and bacteria (tiny)",
         license="CC-BY-4.0",
         inference=NOISY,
+        format="wrapper",
     )
     assert Path(report["zip_path"]).is_file()
     assert bx.validate_package(report["zip_path"]) == []
@@ -260,13 +267,20 @@ def test_parent_authors_and_a_large_sample_image(session, dev_data, tmp_path):
         parent_id="affable-shark",
         # (a github_user would make the spec look the user up on GitHub)
         authors=[{"name": "Ada Lovelace", "affiliation": "Analytical Engines"}],
+        uploader={"name": "Ada Lovelace", "email": "ada@example.org"},
+        cite=[{"text": "Our screen paper", "doi": "10.5281/zenodo.1234567"}],
+        documentation="Our own notes on this model.",
         sample_image=big,
         inference=NOISY,
         tags=["nuclei", "fluorescence-light-microscopy"],
+        format="wrapper",
     )
     rdf = yaml.safe_load(result.rdf.read_text())
     assert rdf["parent"] == {"id": "affable-shark"}
     assert rdf["authors"] == [{"name": "Ada Lovelace", "affiliation": "Analytical Engines"}]
+    assert rdf["uploader"] == {"name": "Ada Lovelace", "email": "ada@example.org"}
+    assert rdf["cite"][-1] == {"text": "Our screen paper", "doi": "10.5281/zenodo.1234567"}
+    assert (result.path / "doc.md").read_text().startswith("Our own notes on this model.")
     assert {"nuclei", "cellpose"} <= set(rdf["tags"])
     assert np.load(result.path / "input_sample.npy").shape == (1, 1, 512, 512)
 
@@ -274,7 +288,7 @@ def test_parent_authors_and_a_large_sample_image(session, dev_data, tmp_path):
 def test_a_model_that_finds_nothing_is_refused_with_the_reason(session, tmp_path):
     # The untrained network finds no cells at cellpose's default thresholds.
     with pytest.raises(bx.ExportError, match="finds no objects") as info:
-        bx.build_package(session, tmp_path / "pkg")
+        bx.build_package(session, tmp_path / "pkg", format="wrapper")
     assert any("test set" in m for m in info.value.messages)
 
 

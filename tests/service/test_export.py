@@ -89,7 +89,8 @@ async def test_downloaded_zip_validates_and_passes_the_model_test(exported, tmp_
     path.write_bytes(resp.content)
     assert "rdf.yaml" in zipfile.ZipFile(path).namelist()
     assert validate_package(path) == []
-    report = await asyncio.to_thread(test_package, path)
+    # One weight format here (the export tests run bioimageio.core's test on all three).
+    report = await asyncio.to_thread(test_package, path, weight_format="onnx")
     assert report.passed, report.errors
 
 
@@ -111,6 +112,16 @@ async def test_duplicate_name_is_refused(erin, sessions, exported):
     _, svc = erin
     with pytest.raises(Exception, match="already exists"):
         await svc.export_model(session_id=sessions["a"][1], model_name="erin-model-a1", **LOOSE)
+
+
+async def test_a_model_that_finds_nothing_is_refused_and_nothing_is_published(erin, sessions):
+    _, svc = erin
+    with pytest.raises(Exception, match="finds no objects.*cellprob_threshold"):
+        await svc.export_model(
+            session_id=sessions["a"][1], model_name="erin-empty", cellprob_threshold=6.0
+        )
+    listed = await svc.list_models_by_dataset(dataset_id=sessions["a"][0])
+    assert "erin-empty" not in {m["name"] for m in listed}
 
 
 async def test_unknown_collection_is_named(erin, sessions):

@@ -27,7 +27,11 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 import numpy as np
 
-from cellpose_finetuning.engine.models import PRETRAINED_MODELS, load_cellpose_model
+from cellpose_finetuning.engine.models import (
+    PRETRAINED_MODELS,
+    is_bioimageio_package,
+    load_cellpose_model,
+)
 from cellpose_finetuning.engine.schemas import InferenceSettings
 from cellpose_finetuning.engine.sessions import SessionStore
 from cellpose_finetuning.errors import InvalidInput, NotFound
@@ -55,7 +59,7 @@ class ModelRef:
 
     name: str
     source: str  # "cpsam" or a checkpoint path
-    kind: str  # "pretrained", "checkpoint" or "session"
+    kind: str  # "pretrained", "checkpoint", "session" or "package"
 
     def cache_key(self) -> tuple[str, float]:
         """Key that changes when the checkpoint file is rewritten."""
@@ -127,6 +131,8 @@ class ModelResolver:
             path = Path(model).expanduser()
             if path.is_file():
                 return ModelRef(model, str(path), "checkpoint")
+            if is_bioimageio_package(path):
+                return ModelRef(model, str(path), "package")
             if (path / "status.json").is_file():
                 from cellpose_finetuning.engine.sessions import Session
 

@@ -43,6 +43,7 @@ __all__ = [
     "ArchSpec",
     "arch_from_state_dict",
     "build_network",
+    "is_bioimageio_package",
     "load_cellpose_model",
     "load_network",
     "pick_device",
@@ -197,7 +198,9 @@ def read_state_dict(path: str | os.PathLike[str]) -> tuple[dict[str, Any], ArchS
     """Read a checkpoint file and the architecture it needs.
 
     Files without :data:`ARCH_KEY` (cellpose's own, such as ``cpsam``) are
-    taken as the ``cpsam`` architecture, and their shapes are checked.
+    taken as the ``cpsam`` architecture, and their shapes are checked. A
+    BioImage.IO package we exported (its zip, or its folder) gives its
+    ``pytorch_state_dict`` weights, a plain cellpose state dict.
 
     Raises
     ------
@@ -207,6 +210,8 @@ def read_state_dict(path: str | os.PathLike[str]) -> tuple[dict[str, Any], ArchS
     import torch
 
     path = Path(path)
+    if is_bioimageio_package(path):
+        return _read_package_state_dict(path)
     if not path.is_file():
         raise NotFound("model file", str(path))
     try:
@@ -264,6 +269,64 @@ def arch_from_state_dict(state: dict[str, Any], name: str = "checkpoint") -> Arc
         if arch == preset.model_copy(update={"name": "custom"}):
             return preset
     return arch
+
+
+def is_bioimageio_package(path: str | os.PathLike[str]) -> bool:
+    """Whether ``path`` is a BioImage.IO package: a folder or zip with ``rdf.yaml`` at its root."""
+    import zipfile
+
+    path = Path(path)
+    if path.is_dir():
+        return (path / "rdf.yaml").is_file()
+    if not path.is_file() or not zipfile.is_zipfile(path):
+        return False
+    try:
+        with zipfile.ZipFile(path) as zf:
+            return "rdf.yaml" in zf.namelist()
+    except zipfile.BadZipFile:
+        return False
+
+
+def _read_package_state_dict(path: Path) -> tuple[dict[str, Any], ArchSpec]:
+    """The ``pytorch_state_dict`` weights of a package and the architecture it records."""
+    import io
+    import zipfile
+
+    import torch
+    import yaml
+
+    def read(name: str) -> bytes:
+        if path.is_dir():
+            return (path / name).read_bytes()
+        with zipfile.ZipFile(path) as zf:
+            return zf.read(name)
+
+    try:
+        rdf = yaml.safe_load(read("rdf.yaml"))
+        entry = rdf["weights"]["pytorch_state_dict"]
+        raw = read(str(entry["source"]))
+    except (KeyError, TypeError, OSError, yaml.YAMLError) as exc:
+        raise InvalidInput(
+            str(path), f"BioImage.IO package without readable pytorch_state_dict weights ({exc})"
+        ) from exc
+    recorded = (rdf.get("config") or {}).get("cellpose_finetuning", {}).get("architecture")
+    kwargs = (entry.get("architecture") or {}).get("kwargs") or {}
+    try:
+        if recorded:
+            arch = ArchSpec.model_validate(recorded)
+        else:
+            fields = set(ArchSpec.model_fields) - {"name"}
+            arch = ArchSpec(name="package", **{k: v for k, v in kwargs.items() if k in fields})
+        state = torch.load(io.BytesIO(raw), map_location="cpu", weights_only=True)
+    except Exception as exc:  # pydantic or torch
+        raise InvalidInput(
+            str(path), f"not a cellpose network package (architecture or weights: {exc})"
+        ) from exc
+    if not isinstance(state, dict) or not state:
+        raise InvalidInput(str(path), "package weights are not a state dict")
+    state = {k.removeprefix("module."): v for k, v in state.items()}
+    state.pop(ARCH_KEY, None)
+    return state, arch
 
 
 def load_network(
@@ -367,9 +430,12 @@ def load_cellpose_model(
         )
         return cp, PRESETS["cpsam"]
     path = Path(name)
-    if not path.is_file():
+    if not path.is_file() and not is_bioimageio_package(path):
         raise NotFound(
-            "model", name, f"Use one of {list(PRETRAINED_MODELS)} or a .pth checkpoint file."
+            "model",
+            name,
+            f"Use one of {list(PRETRAINED_MODELS)}, a .pth checkpoint file or a BioImage.IO "
+            "package (zip or folder) exported by cellpose-finetuning.",
         )
     net, arch = load_network(path, dtype=torch_dtype)
     return wrap_network(net, dev, str(path)), arch

@@ -4,31 +4,41 @@ A package is a folder (or its zip) that ``bioimageio.spec`` validates and
 ``bioimageio.core`` runs::
 
     rdf.yaml            the model description (format 0.5, current spec version)
-    model.py            architecture: cellpose's Transformer + cellpose's eval
+    model.py            architecture of the pytorch_state_dict weights
     model_weights.pth   plain cellpose state dict (no extra entries; strict load)
-    input_sample.npy    one real image of the session, (1, C, H, W) float32
-    output_sample.npy   what model.py makes of it, (1, 1, H, W) int32 labels
+    input_sample.npy    a real image of the session, (1, C, H, W) float32
+    output_sample.npy   what the package makes of it, (1, 1, H, W) labels
     cover.png           that image beside its segmentation
     doc.md              base model, data, settings, curves, metrics, usage, license
     environment.yaml    conda environment for the weights (``dependencies``)
     training_curves.png the session's loss/metric curves (an attachment)
     sample_input.tif    the test tensors as TIFF (the spec's ``sample_tensor``)
     sample_output.tif
+    model_torchscript.pt, model.onnx(.data)   standard form only
 
-The model takes raw images and returns instance labels: cellpose's
-normalisation, tiling and flow dynamics run inside ``model.py`` (see
-:mod:`cellpose_finetuning.export.bioimageio_model`), so the description lists
-no pre- or post-processing steps and the spatial axes accept any size.
+Two forms (``format``):
+
+- ``standard`` (default): ``model.py`` is the network alone
+  (:mod:`.bioimageio_network`) on 256 px tiles with an output halo;
+  cellpose's normalisation is the spec's ``scale_range`` preprocessing and
+  its flow dynamics the ``cellpose_flow_dynamics`` postprocessing; weights
+  also as ``torchscript`` and ``onnx`` (:mod:`.bioimageio_standard`). The
+  test tensors are a 256 px tile and what ``bioimageio.core`` makes of it.
+- ``wrapper``: ``model.py`` runs cellpose's whole ``eval`` on raw images of
+  any size and returns labels (:mod:`.bioimageio_model`), so the
+  description lists no processing steps; for consumers without
+  ``cellpose_flow_dynamics`` (bioimageio.core < 0.11).
 
 The original service's export failed validation (extra top-level fields,
 ``parent`` as a string, ground truth as the test output, fixed image sizes,
 no batch axis on test tensors). Here every package is validated with the
 spec's own rules before :func:`build_package` returns, and an invalid one is
-refused with the spec's messages. Nothing here touches the network.
+refused with the spec's messages. A failed export leaves no files behind.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import importlib.util
 import logging
@@ -100,6 +110,8 @@ COVER_MAX_HEIGHT = 400
 COVER_MAX_BYTES = 500_000
 _MODEL_TEMPLATE = Path(__file__).with_name("bioimageio_model.py")
 _WRAPPER_CALLABLE = "CellposeSAMSegmenter"
+_NETWORK_TEMPLATE = Path(__file__).with_name("bioimageio_network.py")
+PackageFormat = Literal["standard", "wrapper"]
 
 CITATIONS = (
     {
@@ -141,6 +153,7 @@ DEFAULT_TAGS = (
     "2d",
     "pytorch",
 )
+STANDARD_TAGS = ("torchscript", "onnx")
 
 
 class ExportError(CellposeFinetuningError):
@@ -172,6 +185,7 @@ class PackageResult:
     parent_id: str | None
     training_dataset_id: str | None
     warnings: list[str] = field(default_factory=list)
+    format: str = "standard"
 
     @property
     def rdf(self) -> Path:
@@ -192,6 +206,7 @@ class PackageResult:
             "parent_id": self.parent_id,
             "training_dataset_id": self.training_dataset_id,
             "warnings": list(self.warnings),
+            "format": self.format,
         }
 
 
@@ -317,10 +332,23 @@ def _arch_kwargs(arch: ArchSpec) -> dict[str, Any]:
     }
 
 
-def _inference_kwargs(settings: InferenceSettings) -> dict[str, Any]:
+def _inference_kwargs(settings: InferenceSettings, format: str = "wrapper") -> dict[str, Any]:
     if settings.do_3D or settings.stitch_threshold > 0:
         raise InvalidInput(
             "inference", "the exported model is 2D: do_3D/stitch_threshold unsupported"
+        )
+    if format == "standard" and settings.diameter is not None:
+        raise InvalidInput(
+            "diameter",
+            "the standard form runs the network at the image's own scale (bioimage.io has no "
+            "resizing step); export without diameter, resize images before use, or use "
+            "format='wrapper'",
+        )
+    if format == "standard" and settings.niter not in (None, 0, 200):
+        raise InvalidInput(
+            "niter",
+            "cellpose_flow_dynamics runs cellpose's default 200 iterations; export without "
+            "niter or use format='wrapper'",
         )
     return {
         "diameter": settings.diameter,
@@ -409,12 +437,7 @@ def _segment_a_sample(
         if labels.max() > 0:
             return image, labels, name, cropped
         tried.append(name)
-    raise ExportError(
-        "the model finds no objects in the sample image(s), and bioimage.io needs a test "
-        "output with objects; train longer, lower cellprob_threshold, or pass a "
-        "sample_image with objects the model finds",
-        [f"no objects in {n}" for n in tried],
-    )
+    raise _no_objects_error(tried, getattr(model, "eval_kwargs", {}))
 
 
 def _load_wrapper_module(model_py: Path) -> Any:
@@ -543,12 +566,78 @@ def _authors(authors: Sequence[str | Mapping[str, Any]] | None, owner: str | Non
         name = owner if owner and "/" not in owner and "\\" not in owner else None
         return [{"name": name or "cellpose-finetuning"}]
     out = []
-    for a in authors:
+    for i, a in enumerate(authors):
+        if not isinstance(a, str | Mapping):
+            raise InvalidInput(f"authors[{i}]", "must be a name or an object with 'name'")
         entry = {"name": a} if isinstance(a, str) else dict(a)
-        if not entry.get("name"):
-            raise InvalidInput("authors", f"every author needs a name, got {a!r}")
-        out.append(entry)
+        if not isinstance(entry.get("name"), str) or not entry["name"].strip():
+            raise InvalidInput(f"authors[{i}]", f"needs a non-empty name, got {a!r}")
+        out.append({k: str(entry[k]).strip() for k in _AUTHOR_KEYS if entry.get(k)})
     return out
+
+
+_AUTHOR_KEYS = ("name", "affiliation", "email", "github_user", "orcid")
+
+
+def _uploader(uploader: Mapping[str, Any] | None) -> dict[str, str] | None:
+    if uploader is None:
+        return None
+    if not isinstance(uploader, Mapping):
+        raise InvalidInput("uploader", "must be an object with 'name' and 'email'")
+    out = {}
+    for key in ("name", "email"):
+        value = uploader.get(key)
+        if not isinstance(value, str) or not value.strip():
+            raise InvalidInput("uploader", f"{key!r} must be a non-empty string")
+        out[key] = value.strip()
+    return out
+
+
+def _citations(cite: Sequence[Mapping[str, Any]] | None) -> list[dict[str, Any]]:
+    """cellpose's, Cellpose-SAM's and SAM's citations, then the caller's (by doi/url once)."""
+    out = [dict(c) for c in CITATIONS]
+    for i, entry in enumerate(cite or ()):
+        if isinstance(entry, str):
+            entry = {"text": entry, "url": entry} if entry.startswith("http") else None
+        if not isinstance(entry, Mapping) or not str(entry.get("text", "")).strip():
+            raise InvalidInput(f"cite[{i}]", "needs 'text' and a 'doi' or 'url'")
+        if not (entry.get("doi") or entry.get("url")):
+            raise InvalidInput(f"cite[{i}]", "needs a 'doi' or 'url'")
+        item = {k: str(entry[k]).strip() for k in ("text", "doi", "url") if entry.get(k)}
+        if not any(
+            (item.get("doi") and c.get("doi") == item["doi"])
+            or (item.get("url") and c.get("url") == item["url"])
+            for c in out
+        ):
+            out.append(item)
+    return out
+
+
+def _tags(tags: Sequence[str] | None) -> list[str]:
+    out = []
+    for tag in tags or ():
+        if not isinstance(tag, str) or not tag.strip():
+            raise InvalidInput("tags", f"tags must be non-empty strings, got {tag!r}")
+        out.append(tag.strip().lower())
+    return out
+
+
+def _documentation(documentation: str | os.PathLike[str] | None) -> str | None:
+    """Markdown: a ``str`` is the text itself, a path (``os.PathLike``) a file to read.
+
+    A string is never opened as a file, so a service passing a caller's text
+    cannot be made to publish a file of the server.
+    """
+    if documentation is None:
+        return None
+    if isinstance(documentation, os.PathLike):
+        path = Path(documentation)
+        if not path.is_file():
+            raise InvalidInput("documentation", f"no such file: {path}")
+        return path.read_text(encoding="utf-8")
+    if not isinstance(documentation, str):
+        raise InvalidInput("documentation", "must be markdown text or a file path")
+    return documentation.strip() or None
 
 
 def _valid_dataset_id(dataset_id: str | None) -> bool:
@@ -652,6 +741,11 @@ class _Plan:
     inference: dict[str, Any]
     has_curves: bool
     timestamp: str
+    format: str = "standard"
+    cite: list[dict[str, Any]] = field(default_factory=lambda: [dict(c) for c in CITATIONS])
+    uploader: dict[str, str] | None = None
+    documentation: str | None = None
+    weights: dict[str, dict[str, Any]] = field(default_factory=dict)
 
     @property
     def n_channels(self) -> int:
@@ -680,6 +774,8 @@ def _rdf(plan: _Plan) -> dict[str, Any]:
     import torch
     from bioimageio.spec.model.v0_5 import ModelDescr
 
+    if plan.format == "standard":
+        return _rdf_standard(plan)
     spatial_in = [
         {"type": "space", "id": ax, "size": {"min": MIN_SPATIAL_SIZE, "step": 1}}
         for ax in ("y", "x")
@@ -694,7 +790,7 @@ def _rdf(plan: _Plan) -> dict[str, Any]:
         "name": plan.name,
         "description": plan.description,
         "authors": plan.authors,
-        "cite": [dict(c) for c in CITATIONS],
+        "cite": plan.cite,
         "license": plan.license,
         "tags": plan.tags,
         "documentation": _file("doc.md"),
@@ -783,6 +879,59 @@ def _rdf(plan: _Plan) -> dict[str, Any]:
             },
         },
     }
+    return _lineage(rdf, plan)
+
+
+def _rdf_standard(plan: _Plan) -> dict[str, Any]:
+    """The standard form: the wrapper's description with the network's tensors and weights."""
+    import torch
+
+    from cellpose_finetuning.export import bioimageio_standard as std
+
+    rdf = _rdf(dataclasses.replace(plan, format="wrapper"))
+    inp, out = std.standard_tensors(
+        bsize=plan.arch.bsize,
+        n_channels=plan.n_channels,
+        input_id=INPUT_ID,
+        output_id=OUTPUT_ID,
+        inference=plan.inference,
+        file=_file,
+        sample_input=SAMPLE_INPUT_FILE,
+        sample_output=SAMPLE_OUTPUT_FILE,
+    )
+    rdf["inputs"], rdf["outputs"] = [inp], [out]
+    rdf["weights"] = {
+        "pytorch_state_dict": {
+            **_file("model_weights.pth"),
+            "architecture": {
+                **_file("model.py"),
+                "callable": std.NETWORK_CALLABLE,
+                "kwargs": {**_arch_kwargs(plan.arch), "in_channels": plan.n_channels},
+            },
+            "pytorch_version": torch.__version__.split("+")[0],
+            "dependencies": _file(ENVIRONMENT_FILE),
+            "strict": True,
+        },
+        **plan.weights,
+    }
+    bio = rdf["config"]["bioimageio"]
+    bio["architecture_description"] = (
+        "Cellpose-SAM: SAM ViT image encoder with 8 px tokens and a linear readout of XY "
+        "flows and cell probability. Normalisation is the scale_range preprocessing and "
+        "cellpose's flow dynamics the cellpose_flow_dynamics postprocessing."
+    )
+    # Labels may differ in a few pixels where converted weights round differently.
+    bio["reproducibility_tolerance"][0]["mismatched_elements_per_million"] = (
+        MISMATCHED_PIXELS_PER_MILLION
+    )
+    rdf["config"]["cellpose_finetuning"]["format"] = "standard"
+    return rdf
+
+
+def _lineage(rdf: dict[str, Any], plan: _Plan) -> dict[str, Any]:
+    """Add ``parent``, ``training_data`` and ``uploader`` where they are known."""
+    if plan.uploader:
+        rdf["uploader"] = dict(plan.uploader)
     if plan.parent_id:
         rdf["parent"] = {"id": plan.parent_id}
     if _valid_dataset_id(plan.dataset_id):
@@ -875,58 +1024,64 @@ def _doc(plan: _Plan) -> str:
         "To validate on your own data, segment annotated images that were not used for "
         "training and compare with `cellpose.metrics.average_precision`.",
         "",
-        "## Input and output",
-        "",
-        f"- **Input `{INPUT_ID}`:** `(batch, channel, y, x)` float32, **raw** intensities "
-        f"(any range), {plan.n_channels} channel(s), any height and width "
-        f"≥ {MIN_SPATIAL_SIZE} px. Do not normalise: the model does it.",
-        f"- **Output `{OUTPUT_ID}`:** `(batch, channel=1, y, x)` int32 instance labels, "
-        "0 = background, same height and width as the input.",
-        "",
-        "## Pre- and post-processing (inside the model)",
-        "",
-        "`model.py` runs cellpose's complete `CellposeModel.eval`, so the rdf lists no "
-        "separate processing steps:",
-        "",
-        "1. each channel is rescaled so that its 1st and 99th percentiles map to 0 and 1 "
-        "(cellpose `normalize99`, per image); fewer than 3 channels are zero-padded, more "
-        "are cut to the first 3;",
-        f"2. {resize};",
-        f"3. the network runs on overlapping {arch.bsize}×{arch.bsize} tiles (overlap "
-        f"{kw['tile_overlap']}), so images of any size work; run it on whole images, not "
-        "on tiles cut by the caller (labels would not match across tiles);",
-        f"4. cellpose flow dynamics ({kw['niter'] or 200} steps) turn flows and cell "
-        f"probability into masks: cell probability threshold {kw['cellprob_threshold']}, "
-        f"flow error threshold {kw['flow_threshold']}, objects smaller than "
-        f"{kw['min_size']} px removed.",
-        "",
-        "## How to use",
-        "",
-        "With bioimageio.core (in the environment of `environment.yaml`):",
-        "",
-        "```python",
-        "import numpy as np",
-        "from bioimageio.core import load_model_description, predict",
-        "",
-        'model = load_model_description("model.zip")',
-        f'image = np.load("input_sample.npy")  # (1, {plan.n_channels}, H, W) float32, raw',
-        f'labels = predict(model=model, inputs={{"{INPUT_ID}": image}})'
-        f'.members["{OUTPUT_ID}"].data',
-        "```",
-        "",
-        "Or in plain Python, from the unpacked files:",
-        "",
-        "```python",
-        "import numpy as np, torch, yaml",
-        "from model import CellposeSAMSegmenter",
-        "",
-        'rdf = yaml.safe_load(open("rdf.yaml"))',
-        'net = CellposeSAMSegmenter(**rdf["weights"]["pytorch_state_dict"]["architecture"]'
-        '["kwargs"])',
-        'net.load_state_dict(torch.load("model_weights.pth", weights_only=True))',
-        'labels = net.eval().segment(np.load("input_sample.npy")[0])  # (H, W) int32',
-        "```",
     ]
+    lines += (
+        _doc_standard_usage(plan)
+        if plan.format == "standard"
+        else [
+            "## Input and output",
+            "",
+            f"- **Input `{INPUT_ID}`:** `(batch, channel, y, x)` float32, **raw** intensities "
+            f"(any range), {plan.n_channels} channel(s), any height and width "
+            f"≥ {MIN_SPATIAL_SIZE} px. Do not normalise: the model does it.",
+            f"- **Output `{OUTPUT_ID}`:** `(batch, channel=1, y, x)` int32 instance labels, "
+            "0 = background, same height and width as the input.",
+            "",
+            "## Pre- and post-processing (inside the model)",
+            "",
+            "`model.py` runs cellpose's complete `CellposeModel.eval`, so the rdf lists no "
+            "separate processing steps:",
+            "",
+            "1. each channel is rescaled so that its 1st and 99th percentiles map to 0 and 1 "
+            "(cellpose `normalize99`, per image); fewer than 3 channels are zero-padded, more "
+            "are cut to the first 3;",
+            f"2. {resize};",
+            f"3. the network runs on overlapping {arch.bsize}×{arch.bsize} tiles (overlap "
+            f"{kw['tile_overlap']}), so images of any size work; run it on whole images, not "
+            "on tiles cut by the caller (labels would not match across tiles);",
+            f"4. cellpose flow dynamics ({kw['niter'] or 200} steps) turn flows and cell "
+            f"probability into masks: cell probability threshold {kw['cellprob_threshold']}, "
+            f"flow error threshold {kw['flow_threshold']}, objects smaller than "
+            f"{kw['min_size']} px removed.",
+            "",
+            "## How to use",
+            "",
+            "With bioimageio.core (in the environment of `environment.yaml`):",
+            "",
+            "```python",
+            "import numpy as np",
+            "from bioimageio.core import load_model_description, predict",
+            "",
+            'model = load_model_description("model.zip")',
+            f'image = np.load("input_sample.npy")  # (1, {plan.n_channels}, H, W) float32, raw',
+            f'labels = predict(model=model, inputs={{"{INPUT_ID}": image}})'
+            f'.members["{OUTPUT_ID}"].data',
+            "```",
+            "",
+            "Or in plain Python, from the unpacked files:",
+            "",
+            "```python",
+            "import numpy as np, torch, yaml",
+            "from model import CellposeSAMSegmenter",
+            "",
+            'rdf = yaml.safe_load(open("rdf.yaml"))',
+            'net = CellposeSAMSegmenter(**rdf["weights"]["pytorch_state_dict"]["architecture"]'
+            '["kwargs"])',
+            'net.load_state_dict(torch.load("model_weights.pth", weights_only=True))',
+            'labels = net.eval().segment(np.load("input_sample.npy")[0])  # (H, W) int32',
+            "```",
+        ]
+    )
     if arch.is_cpsam:
         lines += [
             "",
@@ -950,12 +1105,75 @@ def _doc(plan: _Plan) -> str:
         "",
         "## Citation",
         "",
-        *[f"- {c['text']} doi:{c['doi']}" for c in CITATIONS],
+        *[
+            f"- {c['text']} " + (f"doi:{c['doi']}" if c.get("doi") else c.get("url", ""))
+            for c in plan.cite
+        ],
         "",
         f"Exported by cellpose-finetuning {_package_version()} on {plan.timestamp}.",
         "",
     ]
+    if plan.documentation:
+        lines = [plan.documentation.rstrip(), "", "---", "", *lines]
     return "\n".join(lines)
+
+
+def _doc_standard_usage(plan: _Plan) -> list[str]:
+    """Input, output, processing and usage of a standard-form package."""
+    from cellpose_finetuning.export import bioimageio_standard as std
+
+    kw, bsize = plan.inference, plan.arch.bsize
+    low, high = std.PERCENTILES
+    formats = ", ".join(f"`{f}`" for f in ("pytorch_state_dict", *plan.weights))
+    return [
+        "## Input and output",
+        "",
+        f"- **Input `{INPUT_ID}`:** `(batch, channel, y, x)` float32 tiles of exactly "
+        f"{bsize}×{bsize} px, **raw** intensities (any range), {plan.n_channels} channel(s).",
+        f"- **Output `{OUTPUT_ID}`:** `(batch, channel=1, y, x)` {std.LABELS_DTYPE} instance "
+        f"labels, 0 = background; the output declares a halo of {std.HALO} px per side.",
+        f"- **Weights:** {formats} (the converted ones name `pytorch_state_dict` as parent).",
+        "",
+        "## Pre- and post-processing (bioimage.io steps)",
+        "",
+        "The package holds only Cellpose-SAM's network; the rest of cellpose's pipeline is "
+        "described with the spec's own steps:",
+        "",
+        f"1. `scale_range` (preprocessing): each channel of each image is rescaled so its "
+        f"{low:g}th and {high:g}th percentiles map to 0 and 1 (cellpose `normalize99`); "
+        "missing channels are filled with zeros inside the network, as cellpose does;",
+        f"2. the network gives Y flow, X flow and cell probability for each {bsize} px tile; "
+        f"consumers tile larger images with the {std.HALO} px halo (bioimage.io pads the "
+        f"image border with `{std.PAD_MODE}`); pad images smaller than {bsize} px first;",
+        "3. `cellpose_flow_dynamics` (postprocessing, bioimageio.core ≥ 0.11 with cellpose "
+        f"installed): 200 steps of flow dynamics; cell probability threshold "
+        f"{kw['cellprob_threshold']}, flow error threshold {kw['flow_threshold']}, objects "
+        f"smaller than {kw['min_size']} px removed.",
+        "",
+        "Differences from `cellpose` itself: cellpose blends overlapping tiles and pads the "
+        "border with zeros after normalising, so masks can differ near tile seams and the "
+        "image border; images are used at their own scale (no diameter resizing).",
+        "",
+        "## How to use",
+        "",
+        "With bioimageio.core ≥ 0.11 (in the environment of `environment.yaml`):",
+        "",
+        "```python",
+        "import numpy as np",
+        "from bioimageio.core import create_prediction_pipeline, load_model_description, predict",
+        "",
+        'model = load_model_description("model.zip")',
+        f"image = ...  # (1, {plan.n_channels}, H, W) float32, raw; H, W >= {bsize}",
+        "labels = predict(",
+        "    model=create_prediction_pipeline(model),",
+        f'    inputs={{"{INPUT_ID}": image}},',
+        "    blocksize_parameter=0,  # tile it",
+        f').members["{OUTPUT_ID}"].data',
+        "```",
+        "",
+        "`model_weights.pth` is a plain cellpose state dict of the network: "
+        "`cellpose-finetuning infer --model model.zip` segments with cellpose's own `eval`.",
+    ]
 
 
 # --------------------------------------------------------------------------- build
@@ -967,13 +1185,16 @@ def build_package(
     model_name: str | None = None,
     description: str | None = None,
     authors: Sequence[str | Mapping[str, Any]] | None = None,
+    uploader: Mapping[str, Any] | None = None,
+    cite: Sequence[Mapping[str, Any]] | None = None,
+    tags: Sequence[str] | None = None,
+    documentation: str | os.PathLike[str] | None = None,
     license: str | None = None,
     sample_image: str | os.PathLike[str] | np.ndarray | None = None,
     inference: InferenceSettings | None = None,
     parent_id: str | None = None,
-    tags: Sequence[str] = (),
+    format: PackageFormat = "standard",
     overwrite: bool = False,
-    uploader: Mapping[str, str] | None = None,
 ) -> PackageResult:
     """Write a validated BioImage.IO model package for a finished session.
 
@@ -983,7 +1204,7 @@ def build_package(
         A completed or stopped training session (its folder).
     out_dir : path-like
         Folder to write the package files into (created; must be empty
-        unless ``overwrite``).
+        unless ``overwrite``). Removed again if the export fails.
     checkpoint : {"best", "last"}
         Which weights: best by test loss (falls back to last) or last.
     model_name : str, optional
@@ -994,6 +1215,17 @@ def build_package(
         Names, or dicts with ``name`` and optionally ``affiliation``,
         ``email``, ``github_user``, ``orcid``. Default: the session's owner,
         else "cellpose-finetuning".
+    uploader : dict, optional
+        ``{"name": ..., "email": ...}`` of who uploads the model.
+    cite : list of dict, optional
+        Extra citations (``text`` and ``doi`` or ``url``), after cellpose's,
+        Cellpose-SAM's and SAM's.
+    tags : list of str, optional
+        Extra tags (e.g. modality and content tags).
+    documentation : str or os.PathLike, optional
+        Markdown put at the top of ``doc.md`` (the generated training,
+        validation and usage sections follow): a ``str`` is the text, a
+        ``pathlib.Path`` a file to read.
     license : str, optional
         SPDX id. Default: the base model's (BSD-3-Clause for Cellpose-SAM,
         as on MouseLand's Hugging Face card), MIT for networks trained from
@@ -1001,15 +1233,21 @@ def build_package(
     sample_image : path-like or numpy.ndarray, optional
         Image for the test tensors and cover. Default: the first of the
         session's test images, then training images (at most 5 tried), in
-        which the model finds objects. Centre-cropped to 512 px per side.
+        which the model finds objects.
     inference : InferenceSettings, optional
-        Thresholds and diameter built into the model (2D settings only).
+        Thresholds (and, for the wrapper, diameter) built into the model.
     parent_id : str, optional
         bioimage.io id of the base model, written as ``parent``. None by
         default: no bioimage.io id of Cellpose-SAM is known; the base model is
         described in ``config.cellpose_finetuning.base_model`` instead.
-    tags : list of str
-        Extra tags (e.g. modality and content tags).
+    format : {"standard", "wrapper"}
+        ``standard`` (default): the network alone on 256 px tiles, with
+        ``scale_range`` preprocessing and ``cellpose_flow_dynamics``
+        postprocessing, weights as ``pytorch_state_dict``, ``torchscript``
+        and ``onnx`` (see :mod:`.bioimageio_standard`). ``wrapper``: a
+        ``model.py`` that runs all of cellpose's ``eval`` on whole images
+        and outputs labels (``pytorch_state_dict`` only), for consumers
+        without ``cellpose_flow_dynamics`` (bioimageio.core < 0.11).
     overwrite : bool
         Replace the contents of a non-empty ``out_dir``.
 
@@ -1026,20 +1264,31 @@ def build_package(
     InvalidInput
         For bad arguments or a session without weights.
     ExportError
-        If ``bioimageio.spec`` finds the package invalid (its messages; the
-        folder is left for inspection), or the model finds no object in the
-        sample image(s): the spec refuses an all-zero test output.
+        If ``bioimageio.spec`` finds the package invalid (its messages), or
+        the model finds no object in the sample image(s): the spec refuses
+        an all-zero test output.
     """
     session = _open_session(session)
     status = _exportable_status(session)
     if checkpoint not in ("best", "last"):
         raise InvalidInput("checkpoint", f"must be 'best' or 'last', got {checkpoint!r}")
+    if format not in ("standard", "wrapper"):
+        raise InvalidInput("format", f"must be 'standard' or 'wrapper', got {format!r}")
     weights_path = session.weights(checkpoint)
     if not weights_path.is_file():
         raise InvalidInput("checkpoint", f"session {session.id!r} has no saved weights")
-    infer_kwargs = _inference_kwargs(inference or InferenceSettings())
+    infer_kwargs = _inference_kwargs(inference or InferenceSettings(), format)
     if parent_id is not None:
         _valid_model_id(parent_id)
+    meta = {
+        "authors": _authors(authors, session.owner),
+        "uploader": _uploader(uploader),
+        "cite": _citations(cite),
+        "documentation": _documentation(documentation),
+        "tags": list(dict.fromkeys([*DEFAULT_TAGS, *_tags(tags)])),
+    }
+    if format == "standard":
+        meta["tags"] = list(dict.fromkeys([*meta["tags"], *STANDARD_TAGS]))
     candidates = _sample_candidates(session, sample_image)
 
     out = Path(out_dir)
@@ -1047,7 +1296,53 @@ def build_package(
         if not overwrite:
             raise InvalidInput(str(out), "folder is not empty (pass overwrite=True to replace it)")
         shutil.rmtree(out)
+    created = not out.exists()
     out.mkdir(parents=True, exist_ok=True)
+    try:
+        return _build(
+            session,
+            status,
+            out,
+            checkpoint=checkpoint,
+            weights_path=weights_path,
+            model_name=model_name,
+            description=description,
+            meta=meta,
+            license=license,
+            candidates=candidates,
+            infer_kwargs=infer_kwargs,
+            parent_id=parent_id,
+            format=format,
+        )
+    except BaseException:
+        # Nothing half-written is left behind: the caller's folder is emptied again.
+        if created:
+            shutil.rmtree(out, ignore_errors=True)
+        else:
+            for child in out.iterdir():
+                if child.is_dir():
+                    shutil.rmtree(child, ignore_errors=True)
+                else:
+                    child.unlink(missing_ok=True)
+        raise
+
+
+def _build(
+    session: Session,
+    status: TrainingStatus,
+    out: Path,
+    *,
+    checkpoint: str,
+    weights_path: Path,
+    model_name: str | None,
+    description: str | None,
+    meta: dict[str, Any],
+    license: str | None,
+    candidates: list[tuple[str, Any]],
+    infer_kwargs: dict[str, Any],
+    parent_id: str | None,
+    format: PackageFormat,
+) -> PackageResult:
     files = {name: out / name for name in CONTRACT_FILES}
     files[ENVIRONMENT_FILE] = out / ENVIRONMENT_FILE
 
@@ -1056,22 +1351,9 @@ def build_package(
     _write_weights(state, files["model_weights.pth"])
     n_params = int(sum(v.numel() for k, v in state.items() if k != "W2"))
     del state
-    shutil.copyfile(_MODEL_TEMPLATE, files["model.py"])
+    template = _NETWORK_TEMPLATE if format == "standard" else _MODEL_TEMPLATE
+    shutil.copyfile(template, files["model.py"])
     _write_environment(files[ENVIRONMENT_FILE])
-
-    # The test output is what the exported model.py makes of the test input.
-    architecture = {
-        "source": "model.py",
-        "callable": _WRAPPER_CALLABLE,
-        "kwargs": {**_arch_kwargs(arch), **infer_kwargs},
-    }
-    model = _load_exported_model(out, architecture, "model_weights.pth")
-    image, labels, sample_name, cropped = _segment_a_sample(model, candidates)
-    del model
-    np.save(files["input_sample.npy"], image[None])
-    np.save(files["output_sample.npy"], labels)
-    _write_sample_tiffs(out, image, labels[0, 0], files)
-    _write_cover(image, labels[0, 0], files["cover.png"])
 
     has_curves = session.curves_file.is_file() or bool(status.train_losses)
     if session.curves_file.is_file():
@@ -1094,35 +1376,72 @@ def build_package(
         base=base,
         license=license or base["license"],
         name=model_name or _safe_name(f"Cellpose-SAM fine-tuned {session.id}"),
-        # As the original service: a given description is added to the generated one.
-        description=" ".join(
-            x
-            for x in (_default_description(arch, data, status, image.shape[0]), description)
-            if x and x.strip()
-        ),
-        authors=_authors(authors, session.owner),
-        tags=list(dict.fromkeys([*DEFAULT_TAGS, *tags])),
+        description=description or "",
+        authors=meta["authors"],
+        tags=meta["tags"],
         parent_id=parent_id,
         dataset_id=data.dataset_artifact_id,
         n_train=len(data.train),
         n_test=len(data.test),
-        sample_name=sample_name,
-        sample_shape=tuple(image.shape),
-        cropped=cropped,
+        sample_name="",
+        sample_shape=(1, arch.bsize, arch.bsize),
+        cropped=False,
         settings=_settings_for_export(status, session),
         status=status,
         metrics=_metrics(status),
         inference=infer_kwargs,
         has_curves=has_curves,
         timestamp=datetime.now(UTC).replace(microsecond=0).isoformat(),
+        format=format,
+        cite=meta["cite"],
+        uploader=meta["uploader"],
+        documentation=meta["documentation"],
     )
-    rdf = _rdf(plan)
-    if uploader:
-        rdf["uploader"] = {"name": uploader["name"], "email": uploader["email"]}
-    files["doc.md"].write_text(_doc(plan), encoding="utf-8")
-    _fill_hashes(rdf, out)
-    _write_yaml(rdf, files["rdf.yaml"])
 
+    if format == "wrapper":
+        # The test output is what the exported model.py makes of the test input.
+        architecture = {
+            "source": "model.py",
+            "callable": _WRAPPER_CALLABLE,
+            "kwargs": {**_arch_kwargs(arch), **infer_kwargs},
+        }
+        model = _load_exported_model(out, architecture, "model_weights.pth")
+        image, labels, sample_name, cropped = _segment_a_sample(model, candidates)
+        del model
+        np.save(files["input_sample.npy"], image[None])
+        np.save(files["output_sample.npy"], labels)
+    else:
+        image, labels, sample_name, cropped, plan = _label_standard_sample(out, plan, candidates)
+    plan = dataclasses.replace(
+        plan,
+        sample_name=sample_name,
+        sample_shape=tuple(image.shape),
+        cropped=cropped,
+        # As the original service: a given description is added to the generated one.
+        description=" ".join(
+            x
+            for x in (
+                _default_description(arch, data, status, image.shape[0], format),
+                description,
+            )
+            if x and x.strip()
+        ),
+    )
+    _write_sample_tiffs(out, image, labels[0, 0], files)
+    _write_cover(image, labels[0, 0], files["cover.png"])
+
+    if format == "standard":
+        # Converted from the finished pytorch_state_dict package, as bioimage.io's tools do.
+        from cellpose_finetuning.export import bioimageio_standard as std
+
+        _write_rdf(plan, out)
+        plan = dataclasses.replace(plan, weights=std.convert_weights(out, ("torchscript", "onnx")))
+        for entry in plan.weights.values():
+            for name in (entry["source"], entry.get("external_data", {}).get("source")):
+                if name:
+                    files[name] = out / name
+
+    _write_rdf(plan, out)
     errors, warnings = _validate(out)
     if errors:
         raise ExportError(f"bioimageio.spec rejected the package in {out}", errors)
@@ -1138,11 +1457,78 @@ def build_package(
         parent_id=parent_id,
         training_dataset_id=plan.dataset_id,
         warnings=warnings,
+        format=format,
     )
 
 
-def _default_description(arch: ArchSpec, data: Any, status: TrainingStatus, n_channels: int) -> str:
+def _write_rdf(plan: _Plan, out: Path) -> None:
+    """Write ``doc.md`` and ``rdf.yaml`` (with the hashes of every file it names)."""
+    rdf = _rdf(plan)
+    (out / "doc.md").write_text(_doc(plan), encoding="utf-8")
+    _fill_hashes(rdf, out)
+    _write_yaml(rdf, out / "rdf.yaml")
+
+
+def _label_standard_sample(
+    out: Path, plan: _Plan, candidates: list[tuple[str, Any]]
+) -> tuple[np.ndarray, np.ndarray, str, bool, _Plan]:
+    """The first candidate tile the package finds objects in, labelled by running the package.
+
+    Each candidate is cut to one network tile and written as the test input;
+    ``bioimageio.core`` then runs the package on it exactly as its model test
+    will, and that is the test output.
+    """
+    from cellpose_finetuning.export import bioimageio_standard as std
+    from cellpose_finetuning.io.images import read_image, to_canonical
+
+    tried = []
+    placeholder = None
+    for name, source in candidates:
+        raw = to_canonical(source, name="sample_image") if isinstance(source, np.ndarray) else None
+        raw = raw if raw is not None else read_image(source)
+        if raw.ndim != 3:
+            raise InvalidInput("sample_image", f"must be a 2D image, got shape {raw.shape}")
+        image, cropped = std.fit_to_tile(raw[:3], plan.arch.bsize)
+        plan = dataclasses.replace(plan, sample_shape=tuple(image.shape), sample_name=name)
+        np.save(out / "input_sample.npy", image[None])
+        if placeholder is None:
+            # Replaced below; the package is loaded without IO checks to make the real one.
+            placeholder = np.ones((1, 1, *image.shape[-2:]), std.LABELS_DTYPE)
+        np.save(out / "output_sample.npy", placeholder)
+        _write_sample_tiffs(out, image, placeholder[0, 0], {})
+        _write_cover(image, placeholder[0, 0], out / "cover.png")
+        _write_rdf(plan, out)
+        labels = std.run_package_on_test_input(out)
+        if labels.max() > 0:
+            np.save(out / "output_sample.npy", labels)
+            return image, labels, name, cropped, plan
+        tried.append(name)
+    raise _no_objects_error(tried, plan.inference)
+
+
+def _no_objects_error(tried: list[str], inference: Mapping[str, Any]) -> ExportError:
+    """Which images were tried and what to change: bioimage.io refuses an empty test output."""
+    return ExportError(
+        f"the model finds no objects in the sample image(s) {', '.join(tried)}, and "
+        "bioimage.io needs a test output with objects: train longer, lower "
+        f"cellprob_threshold (now {inference.get('cellprob_threshold')}) or flow_threshold "
+        f"(now {inference.get('flow_threshold')}), or pass a sample_image with objects the "
+        "model finds",
+        [f"no objects in {n}" for n in tried],
+    )
+
+
+def _default_description(
+    arch: ArchSpec, data: Any, status: TrainingStatus, n_channels: int, format: str = "wrapper"
+) -> str:
     dataset = f" of dataset {data.dataset_artifact_id}" if data.dataset_artifact_id else ""
+    if format == "standard":
+        return (
+            f"Cellpose-SAM ({arch.name} network) fine-tuned on {len(data.train)} training "
+            f"image(s){dataset} for {len(status.train_losses)} epoch(s). Input: raw 2D image "
+            f"tiles, {n_channels} channel(s), {arch.bsize} px (tile larger images with the "
+            "halo); output: instance labels from cellpose's flow dynamics."
+        )
     return (
         f"Cellpose-SAM ({arch.name} network) fine-tuned on {len(data.train)} training "
         f"image(s){dataset} for {len(status.train_losses)} epoch(s). Input: raw 2D images, "
@@ -1225,7 +1611,10 @@ def zip_package(package_dir: str | os.PathLike[str], zip_path: str | os.PathLike
 
 
 def test_package(
-    source: str | os.PathLike[str], *, devices: Sequence[str] | None = None
+    source: str | os.PathLike[str],
+    *,
+    devices: Sequence[str] | None = None,
+    weight_format: str | None = None,
 ) -> ModelTestReport:
     """Run ``bioimageio.core``'s model test on a package folder or zip.
 
@@ -1233,6 +1622,9 @@ def test_package(
     ``output_sample.npy`` from ``input_sample.npy`` within the tolerance in
     ``config.bioimageio.reproducibility_tolerance``, and runs the model on
     inputs of other sizes and batch sizes.
+
+    ``weight_format`` tests one format (``pytorch_state_dict``,
+    ``torchscript``, ``onnx``); by default every format in the package.
 
     Returns
     -------
@@ -1246,7 +1638,11 @@ def test_package(
         path = path / "rdf.yaml"
     if not path.exists():
         raise InvalidInput(str(source), "no such package")
-    summary = test_model(path, devices=list(devices) if devices else None)
+    summary = test_model(
+        path,
+        weight_format=weight_format,  # type: ignore[arg-type]
+        devices=list(devices) if devices else None,
+    )
     errors, warnings = _summary_messages(summary)
     tests = [
         {
@@ -1279,11 +1675,14 @@ def export_command_impl(
     inference: InferenceSettings | None = None,
     run_test: bool = False,
     overwrite: bool = False,
+    **metadata: Any,
 ) -> dict[str, Any]:
     """``cellpose-finetuning export SESSION_DIR --out model.zip``.
 
     ``out`` ending in ``.zip`` writes the package folder next to it
     (``<stem>/``) and the zip; anything else is the package folder.
+    ``metadata`` goes to :func:`build_package` (``description``, ``authors``,
+    ``uploader``, ``cite``, ``tags``, ``documentation``, ``format``).
 
     Returns
     -------
@@ -1307,6 +1706,7 @@ def export_command_impl(
         license=license,
         inference=inference,
         overwrite=overwrite,
+        **metadata,
     )
     if zip_path is not None:
         zip_package(folder, zip_path)

@@ -1,0 +1,79 @@
+"""Slow: a session trained on the dev set, exported in the standard form, against the engine.
+
+Whole images are tiled differently by cellpose (blended overlapping tiles, zero border after
+normalising) and by bioimage.io (cropped halos, reflected raw border), so masks are compared
+object by object (AP@0.5) rather than pixel by pixel; the package must also reload in
+``infer --model package.zip`` with exactly the session's masks.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from cellpose_finetuning.engine.schemas import InferenceSettings
+from cellpose_finetuning.export import bioimageio as bx
+from cellpose_finetuning.export import bioimageio_standard as std
+
+pytestmark = pytest.mark.slow
+
+EPOCHS = 100
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory, tiny_model, train_pairs, test_pairs):
+    from cellpose_finetuning.engine.runs import create_local_session
+    from cellpose_finetuning.engine.training import run_training
+
+    session = create_local_session(
+        out=tmp_path_factory.mktemp("trained") / "run",
+        train_pairs=train_pairs,
+        test_pairs=test_pairs,
+        settings={"model": str(tiny_model), "n_epochs": EPOCHS, "learning_rate": 1e-3},
+    )
+    status = run_training(session)
+    assert status.status_type == "completed", status.message
+    return session
+
+
+@pytest.fixture(scope="module")
+def package(trained, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("pkg") / "model.zip"
+    report = bx.export_command_impl(trained.path, out)
+    return Path(report["zip_path"])
+
+
+def _ap50(truth: np.ndarray, pred: np.ndarray) -> float:
+    from cellpose.metrics import average_precision
+
+    ap, *_ = average_precision([truth.astype("int32")], [pred.astype("int32")], threshold=[0.5])
+    return float(ap[0][0])
+
+
+@pytest.mark.parametrize("weight_format", std.WEIGHT_FORMATS)
+def test_whole_images_segment_like_the_engine(package, trained, test_pairs, weight_format):
+    from cellpose_finetuning.engine.inference import ModelCache, ModelResolver, segment
+    from cellpose_finetuning.io.images import read_image
+
+    model = ModelCache(device="cpu").get(ModelResolver(allow_paths=True).resolve(str(trained.path)))
+    for path, _ in test_pairs:
+        image = read_image(path)
+        expected = segment(model, image, InferenceSettings())
+        labels = std.predict_image(package, image, weight_format)
+        assert labels.shape == expected.shape
+        assert expected.max() > 0, f"the trained model finds nothing in {path.name}"
+        assert _ap50(expected, labels) >= 0.99, (path.name, weight_format)
+
+
+def test_package_reloads_in_infer_with_the_sessions_masks(package, trained, test_pairs, tmp_path):
+    from cellpose_finetuning.engine.inference import ModelCache, ModelResolver, segment
+    from cellpose_finetuning.io.images import read_image
+
+    resolver, cache = ModelResolver(allow_paths=True), ModelCache(device="cpu")
+    for path, _ in test_pairs:
+        image = read_image(path)
+        ours = segment(cache.get(resolver.resolve(str(package))), image)
+        session = segment(cache.get(resolver.resolve(str(trained.path))), image)
+        np.testing.assert_array_equal(ours, session)
