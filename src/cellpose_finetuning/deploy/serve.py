@@ -366,18 +366,31 @@ async def _shutdown(
     """
     done: list[str] = []
     force = control.force
+    t0 = time.monotonic()
+
+    def took() -> str:
+        nonlocal t0
+        seconds, t0 = time.monotonic() - t0, time.monotonic()
+        return f" ({seconds:.1f} s)"
+
     if state.service is not None:
-        running = len(getattr(state.service.queue, "running", []) or [])
+        queue = state.service.queue
+        running = len(getattr(queue, "running", []) or [])
         finished = await _bounded(state.service.close(), TRAINING_STOP_TIMEOUT, force)
+        finished = finished and not getattr(queue, "running", [])
         if running:
-            plural = "s" if running > 1 else ""
+            plural, their = ("s", "their") if running > 1 else ("", "its")
             done.append(
-                f"{running} training{plural} stopped with {'their' if plural else 'its'} weights"
-                if finished
-                else f"{running} training{plural} interrupted (last checkpoint kept)"
+                (
+                    f"{running} training{plural} stopped with {their} weights"
+                    if finished
+                    else f"{running} training{plural} interrupted (last checkpoint kept)"
+                )
+                + took()
             )
     for conn in {id(c): c for c in (state.server, state.admin) if c is not None}.values():
         await _bounded(conn.disconnect(), 5.0, force)
+    took()
     if state.ray_backend is not None:
         backend = state.ray_backend
         control.on_force.append(lambda: threading.Thread(target=backend.kill, daemon=True).start())
@@ -392,13 +405,14 @@ async def _shutdown(
             if finished
             else ("Ray killed" if local else "Serve application left on the cluster")
         )
+        done[-1] += took()
     if state.stack is not None:
         stack = state.stack
         control.on_force.append(
             lambda: threading.Thread(target=lambda: stack.stop(force=True), daemon=True).start()
         )
         await _in_thread(lambda: stack.stop(force=force.is_set()))
-        done.append("Hypha and SeaweedFS " + ("killed" if force.is_set() else "stopped"))
+        done.append("Hypha and SeaweedFS " + ("killed" if force.is_set() else "stopped") + took())
     with contextlib.suppress(FileNotFoundError):
         (data_dir / "connection.json").unlink()
     if own_process:
@@ -557,7 +571,7 @@ async def serve(
             )
             + f"  backend    : {_backend_line(state.ray_backend)}\n"
             + f"  details    : {connection_file}\n"
-            f"Stop with Ctrl-C, SIGTERM or SIGHUP.",
+            f"Press Ctrl-C to stop (or send SIGTERM or SIGHUP).",
             flush=True,
         )
         serving = True
