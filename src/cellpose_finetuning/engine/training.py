@@ -25,10 +25,12 @@ through the session's ``status.json``.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import multiprocessing as mp
 import os
+import signal
 import socket
 import time
 import traceback
@@ -559,6 +561,11 @@ def worker_main(session_dir: str, resume: bool = False, num_threads: int | None 
     """Entry point of the worker process: run, and record any failure in the status."""
     session = Session(session_dir)
     _setup_worker_logging(session)
+    # Ctrl-C in a terminal reaches the whole process group, this worker too.
+    # Whoever started it asks it to stop (the STOP marker) so that it saves its
+    # weights; a KeyboardInterrupt here would end the run as "failed" instead.
+    with contextlib.suppress(ValueError):  # not the main thread (some Ray workers)
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
     if num_threads:
         import torch
 
