@@ -416,7 +416,12 @@ class RayBackend:
         self._processes: list[Any] = []
 
     def _record_processes(self) -> None:
-        """Write the local Ray's head processes to ``state_dir/ray.pids``."""
+        """Write the local Ray's processes to ``state_dir/ray.pids``.
+
+        The head processes (GCS, raylet...) and those under them at this
+        moment: the raylet's agents outlive it when it is killed. Workers
+        started later end with the raylet.
+        """
         import psutil
         from ray._private import worker
 
@@ -430,7 +435,7 @@ class RayBackend:
         self._processes = procs
         if self.state_dir is None:
             return
-        records = [r for r in map(_process_record, procs) if r]
+        records = [r for r in map(_process_record, self.processes()) if r]
         path = self.state_dir / RAY_PIDS_FILE
         tmp = path.with_name(f".{path.name}.tmp")
         tmp.write_text(json.dumps(records))
@@ -482,7 +487,7 @@ class RayBackend:
                     **common,
                 )
                 self._started_ray = True
-                self._record_processes()
+                self._record_processes()  # again below, with the agents and replicas
             self._owns_ray = True
         serve.start(proxy_location="Disabled")
         deployment_options: dict[str, Any] = {
@@ -509,6 +514,8 @@ class RayBackend:
             .bind(device=device, torch_threads=o.torch_threads)
         )
         self.handle = serve.run(app, name=o.app_name, route_prefix=None)
+        if self._started_ray:
+            self._record_processes()
         return self
 
     def inference(self) -> RayInference:
