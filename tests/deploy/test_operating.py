@@ -412,3 +412,55 @@ async def test_sigterm_during_a_ray_training_keeps_its_weights_across_a_restart(
     await asyncio.to_thread(again.stop, signal.SIGTERM)
     assert again.proc.returncode == 0
     assert_nothing_left(again)
+
+
+_CLUSTER = """
+import json, sys
+import ray
+ray.init(num_cpus=2, include_dashboard=False, namespace="cluster-owner")
+print(json.dumps({"address": ray.get_runtime_context().gcs_address}), flush=True)
+for line in sys.stdin:
+    from ray import serve
+    apps = serve.status().applications
+    print(json.dumps({"apps": sorted(apps), "nodes": len(ray.nodes())}), flush=True)
+ray.shutdown()
+"""
+
+
+@pytest.mark.slow
+def test_sigterm_with_ray_address_removes_only_our_application(serve_process):
+    """On a joined cluster only the service's Serve application goes; the cluster stays."""
+    cluster = subprocess.Popen(
+        [sys.executable, "-c", _CLUSTER],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        address = json.loads(cluster.stdout.readline())["address"]
+        served = serve_process(
+            "--backend", "ray", "--ray-address", address, "--replica-cpus", "0.5"
+        )
+        served.wait_ready()
+        names = {p.name() for p in served.children()}
+        assert "raylet" not in names and "gcs_server" not in names  # the cluster's, not ours
+        cluster.stdin.write("status\n")
+        cluster.stdin.flush()
+        assert json.loads(cluster.stdout.readline())["apps"] == ["cellpose-finetuning"]
+
+        served.stop(signal.SIGTERM)
+        assert served.proc.returncode == 0, served.output
+        assert "Serve application removed" in _summary(served), _summary(served)
+        assert_nothing_left(served)
+        cluster.stdin.write("status\n")
+        cluster.stdin.flush()
+        after = json.loads(cluster.stdout.readline())  # the cluster still answers
+        assert after["apps"] == [] and after["nodes"] == 1
+    finally:
+        cluster.stdin.close()
+        try:
+            cluster.wait(60)
+        except subprocess.TimeoutExpired:
+            cluster.kill()
+            cluster.wait()
+        cluster.stdout.close()
