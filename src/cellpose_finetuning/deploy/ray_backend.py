@@ -238,8 +238,9 @@ class RayInference:
 # --------------------------------------------------------------------------- training
 def _train_in_ray(session_dir: str, resume: bool, num_threads: int | None) -> None:
     """Body of the Ray training task: the same worker entry point as local runs."""
-    from cellpose_finetuning.engine.training import worker_main
+    from cellpose_finetuning.engine.training import ignore_terminal_interrupt, worker_main
 
+    ignore_terminal_interrupt()  # a fresh worker process per run (max_calls=1)
     worker_main(session_dir, resume, num_threads)
 
 

@@ -561,11 +561,6 @@ def worker_main(session_dir: str, resume: bool = False, num_threads: int | None 
     """Entry point of the worker process: run, and record any failure in the status."""
     session = Session(session_dir)
     _setup_worker_logging(session)
-    # Ctrl-C in a terminal reaches the whole process group, this worker too.
-    # Whoever started it asks it to stop (the STOP marker) so that it saves its
-    # weights; a KeyboardInterrupt here would end the run as "failed" instead.
-    with contextlib.suppress(ValueError):  # not the main thread (some Ray workers)
-        signal.signal(signal.SIGINT, signal.SIG_IGN)
     if num_threads:
         import torch
 
@@ -589,6 +584,25 @@ def worker_main(session_dir: str, resume: bool = False, num_threads: int | None 
         finally:
             if not isinstance(exc, Exception):
                 raise
+
+
+def ignore_terminal_interrupt() -> None:
+    """Make this (worker) process ignore SIGINT.
+
+    Ctrl-C in a terminal reaches the whole process group, training workers
+    too. Whoever started a worker asks it to stop through the session's STOP
+    marker, so that it saves its weights and reads ``stopped``; a
+    KeyboardInterrupt would end the run as ``failed`` instead. Call it only
+    in a process that exists for one run.
+    """
+    with contextlib.suppress(ValueError):  # not the main thread: nothing to do
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
+def _worker_process_main(session_dir: str, resume: bool, num_threads: int | None) -> None:
+    """Entry point of a process started by :func:`start_worker`."""
+    ignore_terminal_interrupt()
+    worker_main(session_dir, resume, num_threads)
 
 
 class TrainingWorker:
@@ -645,7 +659,7 @@ def start_worker(
     """
     ctx = mp.get_context("spawn")
     process = ctx.Process(
-        target=worker_main,
+        target=_worker_process_main,
         args=(str(session.path), resume, num_threads),
         name=f"cellpose-training-{session.id}",
         daemon=False,
