@@ -897,7 +897,13 @@ def serve(
         backend=backend,
         ray=ray_options,
     )
-    asyncio.run(run_serve(options))
+    result = asyncio.run(run_serve(options, own_process=True))
+    if result["forced"]:
+        # A second signal asked for a fast stop and every child is gone: skip
+        # the exit hooks (Ray's would wait for the processes killed above).
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(0)
 
 
 @main.command()
@@ -920,6 +926,28 @@ def token(data_dir: Path, user: str, expires_in: int) -> None:
     if not (stack.data_dir / "secret.json").is_file():
         raise FileNotFoundError(f"no stack in {data_dir}; run 'cellpose-finetuning serve' first")
     click.echo(stack.token(user, expires_in=expires_in))
+
+
+@main.command()
+@_stack_options
+@click.option(
+    "--timeout", type=float, default=10.0, show_default=True, help="Seconds each check may take."
+)
+def health(data_dir: Path, timeout: float) -> None:
+    """Check a running 'serve': Hypha, S3 and the service; JSON, exit code 0 when all answer.
+
+    \b
+    Exit codes: 0 every part answers, 1 a part is down or nothing serves
+    from --data-dir. For a supervisor or a container's HEALTHCHECK:
+      cellpose-finetuning health --data-dir /srv/cellpose
+    """
+    import asyncio
+
+    from cellpose_finetuning.deploy.health import check_health
+
+    report = asyncio.run(check_health(data_dir, timeout=timeout))
+    click.echo(json.dumps(report, indent=1))
+    sys.exit(0 if report["ok"] else EXIT_FAILED)
 
 
 # --------------------------------------------------------------------------- remote

@@ -16,6 +16,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import http.server
+import json
 import os
 import re
 import shutil
@@ -141,11 +142,12 @@ def served(tmp_path_factory, tiny_model) -> Iterator[ServedStack]:
                 raise RuntimeError(f"serve did not come up in 240 s:\n{log_path.read_text()}")
             time.sleep(0.5)
             output = log_path.read_text()
-        fields = dict(re.findall(r"^\s+(server URL|web page|token)\s+: (\S+)", output, re.M))
+        fields = dict(re.findall(r"^\s+(server URL|web page)\s+: (\S+)", output, re.M))
         yield ServedStack(
             page_url=fields.get("web page", ""),
             server_url=fields["server URL"],
-            token=fields["token"],
+            # printed masked (stdout is not a terminal): the full one is in connection.json
+            token=json.loads((data_dir / "connection.json").read_text())["token"],
             data_dir=data_dir,
             output=output,
         )

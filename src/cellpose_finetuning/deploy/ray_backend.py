@@ -34,10 +34,14 @@ requests wait at the replica (so Serve's autoscaler sees the backlog).
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import os
+import signal
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -55,9 +59,15 @@ __all__ = [
     "RayOptions",
     "RayTrainingQueue",
     "replica_actors",
+    "stop_ray_leftovers",
 ]
 
 log = logging.getLogger(__name__)
+
+#: Where a backend that started its own Ray records Ray's processes (in the
+#: service's data directory), so that the next start can stop what a killed
+#: supervisor left running.
+RAY_PIDS_FILE = "ray.pids"
 
 #: Environment variables handed to Ray workers when set here.
 _FORWARDED_ENV = ("CELLPOSE_LOCAL_MODELS_PATH", "MPLBACKEND", "OMP_NUM_THREADS", "OMP_WAIT_POLICY")
@@ -228,8 +238,9 @@ class RayInference:
 # --------------------------------------------------------------------------- training
 def _train_in_ray(session_dir: str, resume: bool, num_threads: int | None) -> None:
     """Body of the Ray training task: the same worker entry point as local runs."""
-    from cellpose_finetuning.engine.training import worker_main
+    from cellpose_finetuning.engine.training import ignore_terminal_interrupt, worker_main
 
+    ignore_terminal_interrupt()  # a fresh worker process per run (max_calls=1)
     worker_main(session_dir, resume, num_threads)
 
 
@@ -303,6 +314,83 @@ def replica_actors(app_name: str = "cellpose-finetuning") -> list[Any]:
     ]
 
 
+def _process_record(proc: Any) -> dict[str, Any] | None:
+    """``{"pid", "create_time", "name"}`` of a running ``psutil.Process``."""
+    import psutil
+
+    try:
+        return {"pid": proc.pid, "create_time": proc.create_time(), "name": proc.name()}
+    except psutil.Error:
+        return None
+
+
+def _recorded_processes(path: Path) -> list[Any]:
+    """The processes listed in ``path`` that still run (same pid *and* start time)."""
+    import psutil
+
+    try:
+        records = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return []
+    found = []
+    for record in records if isinstance(records, list) else []:
+        try:
+            proc = psutil.Process(int(record["pid"]))
+            if abs(proc.create_time() - float(record["create_time"])) < 0.01:
+                found.append(proc)
+        except (psutil.Error, KeyError, TypeError, ValueError):
+            continue  # gone, or the pid now belongs to another process
+    return found
+
+
+def _kill_processes(procs: list[Any], grace: float) -> int:
+    """SIGTERM ``procs``, SIGKILL what is left after ``grace`` s; how many ran."""
+    import psutil
+
+    alive = [p for p in procs if p.is_running() and p.status() != psutil.STATUS_ZOMBIE]
+    for proc in alive:
+        with contextlib.suppress(psutil.Error):
+            proc.send_signal(signal.SIGTERM)
+    _, left = psutil.wait_procs(alive, timeout=grace)
+    for proc in left:
+        with contextlib.suppress(psutil.Error):
+            proc.kill()
+    psutil.wait_procs(left, timeout=10)
+    return len(alive)
+
+
+def stop_ray_leftovers(state_dir: str | os.PathLike[str], grace: float = 10.0) -> int:
+    """Stop the local Ray a killed ``serve`` left running on ``state_dir``.
+
+    :class:`RayBackend` records the processes of the Ray instance it starts
+    (GCS, raylet, agents, with their start times) in ``state_dir/ray.pids``
+    and removes the file when it stops. A file still there at the next start
+    means its supervisor was killed (SIGKILL, OOM): those processes, and
+    the workers under them, are stopped if they still run. A pid that now
+    belongs to another process (different start time) is left alone.
+
+    Returns
+    -------
+    int
+        How many processes were stopped.
+    """
+    import psutil
+
+    path = Path(state_dir) / RAY_PIDS_FILE
+    if not path.exists():
+        return 0
+    roots = _recorded_processes(path)
+    procs = {p.pid: p for p in roots}
+    for root in roots:
+        with contextlib.suppress(psutil.Error):
+            procs.update({c.pid: c for c in root.children(recursive=True)})
+    stopped = _kill_processes(list(procs.values()), grace) if procs else 0
+    if stopped:
+        log.warning("stopped %d Ray processes left running by an earlier serve", stopped)
+    path.unlink(missing_ok=True)
+    return stopped
+
+
 class RayBackend:
     """Start (or join) Ray, deploy the inference replicas, hand out executors.
 
@@ -311,13 +399,60 @@ class RayBackend:
     options : RayOptions
         Cluster, replicas and resources. The service's data directory, which
         replicas and training tasks read and write, must be shared by every node.
+    state_dir : path, optional
+        Where a local Ray's processes are recorded (``ray.pids``), so that
+        a later start stops them if this process is killed before
+        :meth:`stop` (see :func:`stop_ray_leftovers`).
     """
 
-    def __init__(self, options: RayOptions) -> None:
+    def __init__(
+        self, options: RayOptions, state_dir: str | os.PathLike[str] | None = None
+    ) -> None:
         options.validate()
         self.options = options
+        self.state_dir = Path(state_dir) if state_dir is not None else None
         self.handle: Any = None
         self._owns_ray = False
+        self._started_ray = False
+        self._processes: list[Any] = []
+
+    def _record_processes(self) -> None:
+        """Write the local Ray's processes to ``state_dir/ray.pids``.
+
+        The head processes (GCS, raylet...) and those under them at this
+        moment: the raylet's agents outlive it when it is killed. Workers
+        started later end with the raylet.
+        """
+        import psutil
+        from ray._private import worker
+
+        node = getattr(worker, "_global_node", None)
+        if node is None:
+            return
+        procs = []
+        for _, popen in node.live_processes():
+            with contextlib.suppress(psutil.Error):
+                procs.append(psutil.Process(popen.pid))
+        self._processes = procs
+        if self.state_dir is None:
+            return
+        records = [r for r in map(_process_record, self.processes()) if r]
+        path = self.state_dir / RAY_PIDS_FILE
+        tmp = path.with_name(f".{path.name}.tmp")
+        tmp.write_text(json.dumps(records))
+        os.replace(tmp, path)
+
+    def processes(self) -> list[Any]:
+        """The local Ray's processes (head processes and their workers) still running."""
+        import psutil
+
+        found: dict[int, Any] = {}
+        for proc in self._processes:
+            with contextlib.suppress(psutil.Error):
+                if proc.is_running():
+                    found[proc.pid] = proc
+                    found.update({c.pid: c for c in proc.children(recursive=True)})
+        return list(found.values())
 
     def start(self) -> RayBackend:
         """Initialise Ray and deploy the inference application (blocking)."""
@@ -344,12 +479,16 @@ class RayBackend:
             if o.address:
                 ray.init(address=o.address, **common)
             else:
+                if self.state_dir is not None:
+                    stop_ray_leftovers(self.state_dir)
                 ray.init(
                     num_cpus=o.num_cpus,
                     num_gpus=o.num_gpus,
                     include_dashboard=False,
                     **common,
                 )
+                self._started_ray = True
+                self._record_processes()  # again below, with the agents and replicas
             self._owns_ray = True
         serve.start(proxy_location="Disabled")
         deployment_options: dict[str, Any] = {
@@ -376,6 +515,8 @@ class RayBackend:
             .bind(device=device, torch_threads=o.torch_threads)
         )
         self.handle = serve.run(app, name=o.app_name, route_prefix=None)
+        if self._started_ray:
+            self._record_processes()
         return self
 
     def inference(self) -> RayInference:
@@ -396,15 +537,45 @@ class RayBackend:
         )
 
     def stop(self) -> None:
-        """Remove the application; shut Ray down if this backend started it."""
+        """Remove the application; shut Ray down if this backend started it.
+
+        On a cluster joined with ``address`` only this service's Serve
+        application is removed (Serve itself and the cluster keep running)
+        and the driver disconnects. A local Ray started here is shut down,
+        and its processes are waited for (then killed if still there).
+        Idempotent.
+        """
         import ray
         from ray import serve
 
-        with contextlib.suppress(Exception):
-            serve.delete(self.options.app_name)
-        if self._owns_ray:
+        if self.handle is not None:
             with contextlib.suppress(Exception):
-                serve.shutdown()
-            ray.shutdown()
+                serve.delete(self.options.app_name)
+        if self._owns_ray:
+            if self._started_ray:
+                with contextlib.suppress(Exception):
+                    serve.shutdown()
+            with contextlib.suppress(Exception):
+                ray.shutdown()
             self._owns_ray = False
+        if self._started_ray:
+            # ray.shutdown() stops the head processes; their workers follow
+            # within moments. Wait for them (bounded), then kill what is left.
+            deadline = time.monotonic() + 10
+            while self.processes() and time.monotonic() < deadline:
+                time.sleep(0.1)
+            self.kill()
         self.handle = None
+
+    def kill(self) -> int:
+        """Kill the local Ray started here at once; how many processes ran.
+
+        Makes no call into Ray, so it is safe from any thread, also while
+        :meth:`stop` hangs. Does nothing on a joined cluster.
+        """
+        if not self._started_ray:
+            return 0
+        killed = _kill_processes(self.processes(), grace=0.0)
+        if self.state_dir is not None:
+            (self.state_dir / RAY_PIDS_FILE).unlink(missing_ok=True)
+        return killed

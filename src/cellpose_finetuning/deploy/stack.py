@@ -998,14 +998,16 @@ class EmbeddedStack:
         return path
 
     # ------------------------------------------------------------------ stop
-    def stop(self) -> None:
+    def stop(self, *, force: bool = False) -> None:
         """Stop Hypha, then SeaweedFS; remove the connection file. Idempotent.
 
         Safe from a signal handler and from another thread while ``start()``
         runs (the start then fails with :class:`StackError`). A call made
-        while another is under way kills the remaining servers at once.
+        while another is under way, or with ``force``, kills the remaining
+        servers at once (SIGKILL, no grace period).
         """
-        nested = self._stopping
+        owner = not self._stopping
+        quick = force or not owner
         self._stopping = True
         self._aborted = True
         try:
@@ -1015,10 +1017,10 @@ class EmbeddedStack:
             ):
                 proc = self._procs.get(name)
                 if proc is not None:
-                    self._terminate(name, proc, 0.0 if nested else grace)
+                    self._terminate(name, proc, 0.0 if quick else grace)
                     self._procs.pop(name, None)
         finally:
-            if not nested:
+            if owner:
                 self._stopping = False
                 # only the holder of the lock owns the directory's files
                 if not self._procs and self._lock_fd is not None:

@@ -25,10 +25,12 @@ through the session's ``status.json``.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import multiprocessing as mp
 import os
+import signal
 import socket
 import time
 import traceback
@@ -613,6 +615,25 @@ def worker_main(session_dir: str, resume: bool = False, num_threads: int | None 
                 raise
 
 
+def ignore_terminal_interrupt() -> None:
+    """Make this (worker) process ignore SIGINT.
+
+    Ctrl-C in a terminal reaches the whole process group, training workers
+    too. Whoever started a worker asks it to stop through the session's STOP
+    marker, so that it saves its weights and reads ``stopped``; a
+    KeyboardInterrupt would end the run as ``failed`` instead. Call it only
+    in a process that exists for one run.
+    """
+    with contextlib.suppress(ValueError):  # not the main thread: nothing to do
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
+def _worker_process_main(session_dir: str, resume: bool, num_threads: int | None) -> None:
+    """Entry point of a process started by :func:`start_worker`."""
+    ignore_terminal_interrupt()
+    worker_main(session_dir, resume, num_threads)
+
+
 class TrainingWorker:
     """A training run in its own process.
 
@@ -667,7 +688,7 @@ def start_worker(
     """
     ctx = mp.get_context("spawn")
     process = ctx.Process(
-        target=worker_main,
+        target=_worker_process_main,
         args=(str(session.path), resume, num_threads),
         name=f"cellpose-training-{session.id}",
         daemon=False,
