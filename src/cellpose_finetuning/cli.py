@@ -1102,9 +1102,9 @@ def remote_infer(
 @click.option(
     "--data",
     type=click.Path(file_okay=False, path_type=Path),
-    default=Path("tests/assets/dev"),
-    show_default=True,
-    help="A folder with images/{train,test}/ and annotations/{train,test}/.",
+    default=None,
+    help="A folder with images/{train,test}/ and annotations/{train,test}/ "
+    "[default: the sample images shipped in the package].",
 )
 @click.option(
     "--workdir",
@@ -1114,7 +1114,7 @@ def remote_infer(
 )
 @click.option("--n-epochs", type=int, default=5, show_default=True)
 @_friendly_errors
-def demo(data: Path, workdir: Path, n_epochs: int) -> None:
+def demo(data: Path | None, workdir: Path, n_epochs: int) -> None:
     """Train the tiny network on the bundled dev images and segment the test images.
 
     \b
@@ -1123,6 +1123,10 @@ def demo(data: Path, workdir: Path, n_epochs: int) -> None:
     """
     import shutil
 
+    if data is None:
+        from cellpose_finetuning.sample_data import sample_data_dir
+
+        data = sample_data_dir()
     ctx = click.get_current_context()
     if workdir.exists():
         shutil.rmtree(workdir)
