@@ -135,9 +135,11 @@ def build_network(arch: ArchSpec, dtype: torch.dtype | None = None) -> Transform
         The network, on the CPU.
     """
     import torch
-    from cellpose.vit_sam import Transformer
     from segment_anything.build_sam import sam_model_registry
 
+    from cellpose_finetuning.engine.cellpose_compat import transformer_class
+
+    Transformer = transformer_class()  # noqa: N806 (a class)
     key = f"cellpose_finetuning:{arch.model_dump_json()}"
     # Transformer looks its backbone up in this registry by name.
     sam_model_registry.setdefault(key, _encoder_builder(arch))
@@ -276,14 +278,9 @@ def wrap_network(net: Transformer, device: torch.device, name: str) -> CellposeM
     ``CellposeModel.__init__`` always builds ViT-L; we set the four attributes
     ``eval`` reads instead, so any architecture works.
     """
-    from cellpose.models import CellposeModel
+    from cellpose_finetuning.engine.cellpose_compat import make_eval_model
 
-    model = CellposeModel.__new__(CellposeModel)
-    model.device = device
-    model.gpu = device.type in ("cuda", "mps")
-    model.net = net.to(device)
-    model.pretrained_model = name
-    return model
+    return make_eval_model(net, device, name)
 
 
 def load_cellpose_model(
