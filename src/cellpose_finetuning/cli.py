@@ -775,8 +775,13 @@ def serve(
 
     from cellpose_finetuning.deploy.serve import ServeOptions
     from cellpose_finetuning.deploy.serve import serve as run_serve
-    from cellpose_finetuning.deploy.stack import StackConfig
+    from cellpose_finetuning.deploy.stack import StackConfig, check_platform
+    from cellpose_finetuning.engine.devices import unused_gpu_reason
 
+    if not server_url:
+        check_platform()  # the embedded stack needs Linux or macOS: say so before anything
+    if reason := unused_gpu_reason():  # at start, not at the first slow request
+        click.echo(f"warning: {reason}", err=True)
     ray_options = None
     if backend == "ray":
         from cellpose_finetuning.deploy.ray_backend import RayOptions

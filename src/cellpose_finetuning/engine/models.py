@@ -259,6 +259,9 @@ def pick_device(device: str | None = None) -> torch.device:
         return torch.device("cuda")
     if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
         return torch.device("mps")
+    from cellpose_finetuning.engine.devices import warn_if_gpu_unused
+
+    warn_if_gpu_unused()  # a GPU torch cannot use: say so instead of a silent fallback
     return torch.device("cpu")
 
 
