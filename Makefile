@@ -51,9 +51,9 @@ test-all: setup
 	$(PY) -m pytest -m "slow or not slow"
 
 # The built wheel in a fresh venv per extra (base, client, export, server): imports and
-# `demo` from outside the checkout (tests/test_install.py, ~10 min on 2 cores).
+# `demo` from outside the checkout (tests/packaging/test_install.py, marked slow).
 test-install: setup
-	$(PY) -m pytest tests/test_install.py -m install -v
+	$(PY) -m pytest tests/packaging/test_install.py -m slow -v -rA
 
 # The engine and CLI tests against another cellpose release, in .venv-cellpose:
 # `make test-cellpose CELLPOSE=4.1.1` (see README "cellpose versions").

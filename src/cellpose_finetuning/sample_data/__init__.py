@@ -3,8 +3,8 @@
 Five training and two test pairs (nuclei 256x256, phase-contrast bacteria 288x320;
 uint16 labels, 0 = background), about 0.75 MB. They make ``cellpose-finetuning demo``
 work from an installed wheel, anywhere. Sources and licenses: ``README.md`` beside
-this file. The test suite reads the same files (``tests/assets/dev/{images,annotations}/
-{train,test}`` are links here).
+this file. In the repository the four folders are links to ``tests/assets/dev/``
+(one copy of each file); the wheel carries the files themselves.
 """
 
 from __future__ import annotations
