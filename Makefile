@@ -8,7 +8,7 @@ STAMP  := $(VENV)/.installed
 # Pinned versions that pass the tests (pip freeze of .[all]); `make lock` refreshes it.
 LOCK   := requirements-lock.txt
 
-.PHONY: setup setup-cpu lock test test-slow test-all test-ui test-install test-cellpose serve lint format bench clean
+.PHONY: setup setup-cpu lock test test-slow test-all test-ui test-install serve lint format bench clean
 
 setup: $(STAMP)
 
@@ -55,15 +55,6 @@ test-all: setup
 test-install: setup
 	$(PY) -m pytest tests/packaging/test_install.py -m slow -v -rA
 
-# The engine and CLI tests against another cellpose release, in .venv-cellpose:
-# `make test-cellpose CELLPOSE=4.1.1` (see README "cellpose versions").
-CELLPOSE ?= 4.1.1
-test-cellpose:
-	rm -rf .venv-cellpose
-	$(PYTHON) -m venv .venv-cellpose
-	grep -v '^cellpose==' $(LOCK) > .venv-cellpose.lock
-	.venv-cellpose/bin/python -m pip install --quiet -c .venv-cellpose.lock -e ".[dev]" "cellpose==$(CELLPOSE)"
-	.venv-cellpose/bin/python -m pytest tests/engine tests/test_cli.py
 
 # Browser tests of the web page (tests/web, marker ui): Playwright (the ui extra) driving
 # Debian's Chromium, installed with apt-get when missing. Screenshots go to docs/screenshots/.
@@ -89,4 +80,4 @@ bench: setup
 	$(PY) benchmarks/run.py
 
 clean:
-	rm -rf $(VENV) .venv-lock .venv-cellpose .venv-cellpose.lock .pytest_cache .ruff_cache
+	rm -rf $(VENV) .venv-lock .pytest_cache .ruff_cache

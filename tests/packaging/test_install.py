@@ -31,7 +31,8 @@ import pytest
 
 from tests.packaging.extras import PROMISED, SRC
 
-pytestmark = pytest.mark.slow
+# pip installs a few hundred MB per venv: minutes each on 2 busy cores
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(2400)]
 
 ROOT = SRC.parent
 LOCK = ROOT / "requirements-lock.txt"
