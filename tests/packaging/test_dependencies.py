@@ -109,3 +109,18 @@ def test_the_lock_pins_every_distribution_of_this_environment_that_all_needs():
     unpinned = sorted(wanted - set(lock))
     assert not unpinned, f"not in requirements-lock.txt: {unpinned}; run `make lock`"
     assert lock["cellpose"] == "4.0.7"
+
+
+def test_the_cellpose_pin_and_the_installed_cellpose_are_what_cellpose_compat_supports():
+    from packaging.requirements import Requirement
+    from packaging.specifiers import SpecifierSet
+
+    from cellpose_finetuning.engine import cellpose_compat
+
+    supported = SpecifierSet(cellpose_compat.SUPPORTED)
+    assert cellpose_compat.installed_version() in supported
+    (pin,) = [
+        Requirement(r) for r in PYPROJECT["project"]["dependencies"] if _dist_name(r) == "cellpose"
+    ]
+    assert "4.0.7" in supported and "4.0.7" in pin.specifier
+    assert "4.2.0" not in pin.specifier  # 4.2 removed cellpose.vit_sam (see cellpose_compat)
