@@ -27,6 +27,8 @@ setup-cpu:
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet $(CPU_TORCH)
 	grep -vE '^(torch|torchvision|triton|nvidia-|cuda-)' $(LOCK) > $(VENV)/lock-cpu.txt
+	# keep the torch just installed: a newer torchvision would otherwise pull PyPI's CUDA torch
+	$(PY) -m pip list --format=freeze | grep -E '^(torch|torchvision)==' >> $(VENV)/lock-cpu.txt
 	$(PY) -m pip install --quiet -c $(VENV)/lock-cpu.txt -e ".[all]"
 	touch $(STAMP)
 
