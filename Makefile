@@ -18,7 +18,7 @@ $(STAMP): pyproject.toml $(LOCK)
 	$(PY) -m pip install --quiet -c $(LOCK) -e ".[all]"
 	touch $(STAMP)
 
-# CPU-only torch, no CUDA libraries (1.3 GB instead of 6.8 GB; see README "Installing").
+# CPU-only torch, no CUDA libraries (2.4 GB instead of 6.8 GB; see README "Installing").
 # CPU_TORCH is what pip installs first: PyTorch's CPU wheel index where it can be reached;
 # on a machine that has a CPU build on disk, e.g. `make setup-cpu CPU_TORCH=torch==2.13.0`.
 CPU_TORCH ?= torch --index-url https://download.pytorch.org/whl/cpu
