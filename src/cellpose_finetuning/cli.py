@@ -854,8 +854,13 @@ def serve(
 
     from cellpose_finetuning.deploy.serve import ServeOptions
     from cellpose_finetuning.deploy.serve import serve as run_serve
-    from cellpose_finetuning.deploy.stack import StackConfig
+    from cellpose_finetuning.deploy.stack import StackConfig, check_platform
+    from cellpose_finetuning.engine.devices import unused_gpu_reason
 
+    if not server_url:
+        check_platform()  # the embedded stack needs Linux or macOS: say so before anything
+    if reason := unused_gpu_reason():  # at start, not at the first slow request
+        click.echo(f"warning: {reason}", err=True)
     ray_options = None
     if backend == "ray":
         from cellpose_finetuning.deploy.ray_backend import RayOptions
@@ -1209,9 +1214,9 @@ def remote_infer(
 @click.option(
     "--data",
     type=click.Path(file_okay=False, path_type=Path),
-    default=Path("tests/assets/dev"),
-    show_default=True,
-    help="A folder with images/{train,test}/ and annotations/{train,test}/.",
+    default=None,
+    help="A folder with images/{train,test}/ and annotations/{train,test}/ "
+    "[default: the sample images shipped in the package].",
 )
 @click.option(
     "--workdir",
@@ -1221,7 +1226,7 @@ def remote_infer(
 )
 @click.option("--n-epochs", type=int, default=5, show_default=True)
 @_friendly_errors
-def demo(data: Path, workdir: Path, n_epochs: int) -> None:
+def demo(data: Path | None, workdir: Path, n_epochs: int) -> None:
     """Train the tiny network on the bundled dev images and segment the test images.
 
     \b
@@ -1230,6 +1235,10 @@ def demo(data: Path, workdir: Path, n_epochs: int) -> None:
     """
     import shutil
 
+    if data is None:
+        from cellpose_finetuning.sample_data import sample_data_dir
+
+        data = sample_data_dir()
     ctx = click.get_current_context()
     if workdir.exists():
         shutil.rmtree(workdir)

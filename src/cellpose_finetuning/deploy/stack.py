@@ -24,7 +24,8 @@ restart, so creating it before anyone else can connect keeps it ours.
 Layout of ``data_dir``::
 
     secret.json          JWT secret and S3 keys (0600)
-    stack.lock           held while a stack runs on this directory
+    stack.lock           held while a stack runs on this directory (filelock)
+    stack.owner          the process id of the stack holding the lock
     stack.pids           process ids of the running children
     s3/                  SeaweedFS state (data/) and its identities (s3.json, 0600)
     hypha/               SQLite database, Hypha's working directory
@@ -38,7 +39,6 @@ from __future__ import annotations
 import asyncio
 import atexit
 import contextlib
-import fcntl
 import json
 import logging
 import os
@@ -55,9 +55,12 @@ from collections.abc import Callable, Coroutine
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from cellpose_finetuning.errors import CellposeFinetuningError, InvalidInput
+
+if TYPE_CHECKING:
+    from filelock import FileLock
 
 __all__ = [
     "SERVICE_ID",
@@ -98,6 +101,27 @@ class StackError(CellposeFinetuningError):
 
 
 # --------------------------------------------------------------------------- helpers
+def check_platform(platform: str | None = None) -> None:
+    """Refuse to run the embedded stack where it cannot supervise its servers.
+
+    The stack runs SeaweedFS and Hypha each in its own process group and stops
+    them with POSIX signals (``os.killpg``): Linux and macOS. On Windows,
+    ``serve --server-url`` (an existing Hypha server) and the local commands work.
+
+    Raises
+    ------
+    StackError
+        On Windows, saying what to use instead.
+    """
+    platform = platform or sys.platform
+    if platform == "win32":
+        raise StackError(
+            "the embedded stack (SeaweedFS + Hypha) runs on Linux and macOS only: "
+            "on Windows use `serve --server-url URL` with an existing Hypha server, "
+            "or run it in WSL; train, infer, evaluate and export work as they are"
+        )
+
+
 def port_is_free(port: int, host: str = "127.0.0.1") -> bool:
     """Whether a TCP port can be bound on ``host`` (what each server will do)."""
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
@@ -407,7 +431,7 @@ class EmbeddedStack:
         self._procs: dict[str, subprocess.Popen[bytes]] = {}
         self._log_offsets: dict[str, int] = {}
         self._secrets: dict[str, str] | None = None
-        self._lock_fd: int | None = None
+        self._lock: FileLock | None = None
         self._stopping = False
         self._aborted = False
         self._connection_written = False
@@ -557,6 +581,7 @@ class EmbeddedStack:
         """
         if self.running:
             return self
+        check_platform()
         if self._procs:  # one of them died: start both afresh
             self.stop()
         self.config.validate()
@@ -598,29 +623,33 @@ class EmbeddedStack:
         return self
 
     def _acquire_lock(self) -> None:
-        if self._lock_fd is not None:
+        """Hold ``stack.lock`` (an OS lock through ``filelock``: released if we die)."""
+        if self._lock is not None:
             return
-        path = self.data_dir / "stack.lock"
-        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+        from filelock import FileLock, Timeout
+
+        # thread_local=False: stop() may run in another thread than start()
+        lock = FileLock(self.data_dir / "stack.lock", timeout=0, mode=0o600, thread_local=False)
+        owner = self.data_dir / "stack.owner"
         try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            holder = os.read(fd, 64).decode(errors="replace").strip() or "?"
-            os.close(fd)
+            lock.acquire()
+        except Timeout:
+            try:
+                holder = owner.read_text().strip() or "?"
+            except OSError:
+                holder = "?"
             raise StackError(
                 f"another stack is running on {self.data_dir} (supervisor pid {holder}); "
                 "stop it first or choose another --data-dir"
             ) from None
-        os.ftruncate(fd, 0)
-        os.write(fd, str(os.getpid()).encode())
-        self._lock_fd = fd
+        _write_private(owner, str(os.getpid()))
+        self._lock = lock
 
     def _release_lock(self) -> None:
-        fd, self._lock_fd = self._lock_fd, None
-        if fd is not None:
-            with contextlib.suppress(OSError):
-                os.ftruncate(fd, 0)
-            os.close(fd)  # releases the flock
+        lock, self._lock = self._lock, None
+        if lock is not None:
+            (self.data_dir / "stack.owner").unlink(missing_ok=True)
+            lock.release()
 
     def _stop_leftovers(self) -> None:
         """Stop servers a crashed supervisor left running on this directory.
@@ -1023,7 +1052,7 @@ class EmbeddedStack:
             if owner:
                 self._stopping = False
                 # only the holder of the lock owns the directory's files
-                if not self._procs and self._lock_fd is not None:
+                if not self._procs and self._lock is not None:
                     (self.data_dir / "stack.pids").unlink(missing_ok=True)
                     if self._connection_written:
                         (self.data_dir / "connection.json").unlink(missing_ok=True)

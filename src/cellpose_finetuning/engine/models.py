@@ -137,9 +137,11 @@ def build_network(arch: ArchSpec, dtype: torch.dtype | None = None) -> Transform
         The network, on the CPU.
     """
     import torch
-    from cellpose.vit_sam import Transformer
     from segment_anything.build_sam import sam_model_registry
 
+    from cellpose_finetuning.engine.cellpose_compat import transformer_class
+
+    Transformer = transformer_class()  # noqa: N806 (a class)
     key = f"cellpose_finetuning:{arch.model_dump_json()}"
     # Transformer looks its backbone up in this registry by name.
     sam_model_registry.setdefault(key, _encoder_builder(arch))
@@ -366,6 +368,9 @@ def pick_device(device: str | None = None) -> torch.device:
         return torch.device("cuda")
     if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
         return torch.device("mps")
+    from cellpose_finetuning.engine.devices import warn_if_gpu_unused
+
+    warn_if_gpu_unused()  # a GPU torch cannot use: say so instead of a silent fallback
     return torch.device("cpu")
 
 
@@ -385,14 +390,9 @@ def wrap_network(net: Transformer, device: torch.device, name: str) -> CellposeM
     ``CellposeModel.__init__`` always builds ViT-L; we set the four attributes
     ``eval`` reads instead, so any architecture works.
     """
-    from cellpose.models import CellposeModel
+    from cellpose_finetuning.engine.cellpose_compat import make_eval_model
 
-    model = CellposeModel.__new__(CellposeModel)
-    model.device = device
-    model.gpu = device.type in ("cuda", "mps")
-    model.net = net.to(device)
-    model.pretrained_model = name
-    return model
+    return make_eval_model(net, device, name)
 
 
 def load_cellpose_model(

@@ -177,8 +177,7 @@ def _prepare_arrays(
     settings: TrainingSettings,
     device: torch.device,
 ) -> _Prepared:
-    from cellpose import models as cp_models
-    from cellpose import train as cp_train
+    from cellpose_finetuning.engine import cellpose_compat as cpc
 
     counts = [int(len(np.unique(m)) - (1 if (m == 0).any() else 0)) for _, m in train]
     keep = [i for i, c in enumerate(counts) if c >= settings.min_train_masks]
@@ -197,8 +196,8 @@ def _prepare_arrays(
         return img[0] if img.shape[0] == 1 else img
 
     # A fresh dict: cellpose mutates models.normalize_default in place otherwise.
-    normalize_params = {**cp_models.normalize_default, "normalize": True}
-    out = cp_train._process_train_test(
+    normalize_params = {**cpc.normalize_defaults(), "normalize": True}
+    out = cpc.process_train_test(
         train_data=[as_cellpose(img) for img, _ in train],
         train_labels=[m for _, m in train],
         test_data=[as_cellpose(img) for img, _ in test] or None,
@@ -262,22 +261,16 @@ class _Loop:
 
     def _step_batch(self, inds: np.ndarray, data: list, labels: list) -> tuple[Any, Any, int]:
         import torch
-        from cellpose import train as cp_train
-        from cellpose.transforms import random_rotate_and_resize
 
-        imgs, lbls = cp_train._get_batch(inds, data=data, labels=labels, files=None)
+        from cellpose_finetuning.engine import cellpose_compat as cpc
+
+        imgs, lbls = cpc.get_batch(inds, data=data, labels=labels)
         if self.settings.rescale and data is self.prep.train_data:
             # train_seg's rescale: object diameter / the network's diameter.
             rsc = self.prep.diam_train[inds] / float(self.net.diam_mean.item())
         else:
             rsc = np.ones(len(inds), "float32")
-        imgi, lbl = random_rotate_and_resize(
-            imgs,
-            Y=lbls,
-            rescale=rsc,
-            scale_range=0.5,
-            xy=(self.bsize, self.bsize),
-        )[:2]
+        imgi, lbl = cpc.augment(imgs, lbls, rescale=rsc, scale_range=0.5, bsize=self.bsize)
         x = torch.from_numpy(imgi).to(self.device)
         lbl_t = torch.from_numpy(lbl).to(self.device)
         if x.dtype != self.net.dtype:
@@ -287,7 +280,7 @@ class _Loop:
 
     def train_epoch(self, epoch: int, lr: float) -> float:
         """One pass over the training images; returns the mean loss."""
-        from cellpose import train as cp_train
+        from cellpose_finetuning.engine.cellpose_compat import loss_fn_seg
 
         np.random.seed(self.settings.seed + epoch)  # as train_seg: np.random.seed(iepoch)
         nimg = len(self.prep.train_data)
@@ -303,7 +296,7 @@ class _Loop:
             y, lbl, n = self._step_batch(
                 rperm[k : k + bs], self.prep.train_data, self.prep.train_labels
             )
-            loss = cp_train._loss_fn_seg(lbl, y, self.device)
+            loss = loss_fn_seg(lbl, y, self.device)
             self.optimizer.zero_grad()
             loss.backward()
             self.optimizer.step()
@@ -315,7 +308,8 @@ class _Loop:
     def validate(self) -> tuple[float, ValidationMetrics]:
         """Test loss and pixel metrics on fixed augmented tiles of the test set."""
         import torch
-        from cellpose import train as cp_train
+
+        from cellpose_finetuning.engine.cellpose_compat import loss_fn_seg
 
         assert self.prep.test_data is not None
         state = np.random.get_state()
@@ -331,7 +325,7 @@ class _Loop:
                     self.prep.test_data,
                     self.prep.test_labels,
                 )
-                total += cp_train._loss_fn_seg(lbl, y, self.device).item() * n
+                total += loss_fn_seg(lbl, y, self.device).item() * n
                 pred = (y[:, -1] > 0).cpu().numpy()
                 true = (lbl[:, -3] > 0.5).cpu().numpy()
                 counts += [
