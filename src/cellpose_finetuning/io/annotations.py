@@ -1,6 +1,7 @@
 """Annotations in the formats biologists' tools write, and results back out to them.
 
-Reading (into instance labels, then checked by :func:`~cellpose_finetuning.io.images.validate_mask`):
+Reading (into instance labels, then checked by
+:func:`~cellpose_finetuning.io.images.validate_mask`):
 
 - **cellpose GUI** ``_seg.npy``: its ``masks`` entry. These files are pickles;
   they are read with a restricted unpickler that builds only numpy arrays,
@@ -34,6 +35,7 @@ resolution, so they reproduce the masks' pixels exactly when filled again
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import pickle
@@ -99,8 +101,8 @@ def is_annotation_file(name: str | os.PathLike[str]) -> bool:
 
     Examples
     --------
-    >>> is_annotation_file("a_seg.npy"), is_annotation_file("a.geojson"), is_annotation_file("a.csv")
-    (True, True, False)
+    >>> [is_annotation_file(n) for n in ("a_seg.npy", "a.geojson", "a.csv")]
+    [True, True, False]
     """
     return os.fspath(name).lower().endswith(ANNOTATION_SUFFIXES)
 
@@ -214,10 +216,9 @@ def _seg_masks(path: Path) -> np.ndarray:
     if not isinstance(masks, np.ndarray):
         raise InvalidInput(str(path), f"'masks' is a {type(masks).__name__}, not an array")
     masks = np.squeeze(masks) if masks.ndim > 2 and 1 in masks.shape[:-2] else masks
-    if masks.ndim == 2 or masks.ndim == 3:
-        # The GUI marks "no mask" as -1 in some versions (it adds 1 when loading).
-        if masks.dtype.kind == "i" and masks.size and masks.min() == -1:
-            masks = masks + 1
+    # The GUI marks "no mask" as -1 in some versions (it adds 1 when loading).
+    if masks.dtype.kind == "i" and masks.size and masks.min() == -1:
+        masks = masks + 1
     return masks
 
 
@@ -491,7 +492,7 @@ def labels_to_polygons(masks: np.ndarray) -> list[tuple[int, list[list[np.ndarra
         polys = []
         for pts, offs in zip(points, offsets, strict=True):
             rings = []
-            for a, b in zip(offs[:-1], offs[1:], strict=True):
+            for a, b in itertools.pairwise(offs):
                 ring = pts[a:b]
                 if len(ring) > 1 and np.array_equal(ring[0], ring[-1]):
                     ring = ring[:-1]
