@@ -597,9 +597,14 @@ def write_cp_masks_png(out_dir: str | os.PathLike[str], image_name: str, masks: 
         cp_io.imsave(str(target), masks.astype("uint16"))
     else:
         cp_io.save_masks(
-            None, masks.astype("uint16"), None, str(out_dir / image_name), png=True,
-            tif=False, savedir=str(out_dir),
-        )  # fmt: skip
+            None,
+            masks.astype("uint16"),
+            None,
+            str(out_dir / image_name),
+            png=True,
+            tif=False,
+            savedir=str(out_dir),
+        )
     return target
 
 
