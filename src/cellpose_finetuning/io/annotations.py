@@ -61,6 +61,7 @@ __all__ = [
     "output_name",
     "output_stem",
     "polygons_to_labels",
+    "read_annotation_bytes",
     "read_annotation_labels",
     "read_seg_npy",
     "write_geojson",
@@ -759,3 +760,51 @@ def encode_outputs(
     with tempfile.TemporaryDirectory() as tmp:
         written = write_outputs(tmp, image_name, masks, formats)
         return {p.name: p.read_bytes() for p in written.values()}
+
+
+def read_annotation_bytes(
+    file_name: str,
+    data: bytes,
+    image_shape: Sequence[int] | None = None,
+    *,
+    max_pixels: int | None = None,
+) -> np.ndarray:
+    """Read an annotation file given as bytes (as :func:`read_mask`); errors name ``file_name``.
+
+    Parameters
+    ----------
+    file_name : str
+        The file's name (its suffix picks the reader); only the last path part is used.
+    data : bytes
+        The file's content.
+    image_shape : sequence of int, optional
+        The paired image's (H, W), needed for ``.geojson`` and ``.zip``.
+    max_pixels : int, optional
+        Limit on the values a file declares.
+
+    Returns
+    -------
+    numpy.ndarray
+        Renumbered labels, uint16 (uint32 above 65535 objects).
+
+    Raises
+    ------
+    InvalidInput
+        Naming ``file_name``.
+    """
+    from cellpose_finetuning.io.images import read_mask
+
+    if not isinstance(file_name, str) or not file_name.strip():
+        raise InvalidInput("file_name", "must be a file name such as 'a_seg.npy'")
+    if not isinstance(data, bytes | bytearray | memoryview):
+        raise InvalidInput("data", f"must be the file's bytes, got {type(data).__name__}")
+    base = os.path.basename(file_name.replace("\\", "/")) or "annotation"
+    shape = None if image_shape is None else tuple(int(s) for s in image_shape)
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / base
+        path.write_bytes(bytes(data))
+        try:
+            return read_mask(path, expected_shape=shape, max_pixels=max_pixels)
+        except InvalidInput as exc:
+            what = file_name if exc.what == str(path) else exc.what
+            raise InvalidInput(what, exc.reason.replace(str(path), file_name)) from None
