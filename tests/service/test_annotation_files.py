@@ -108,3 +108,24 @@ async def test_training_on_a_crafted_seg_file_fails_naming_it_and_runs_nothing(
     assert "nuclei_00_seg.npy" in status["message"] and "refused" in status["message"]
     assert status["train_losses"] == []
     assert not marker.exists()
+
+
+async def test_client_infer_files_writes_the_tools_files_with_whole_stems(
+    carol, dev_data, tmp_path
+):
+    from cellpose_finetuning.client import infer_files
+
+    _, svc = carol
+    image = tmp_path / "nuclei.03.tif"
+    image.write_bytes((dev_data / "images/test/nuclei_03.tif").read_bytes())
+    [written] = await infer_files(
+        svc, [image], tmp_path / "out", save=["tif", "seg", "rois"], model="tiny"
+    )
+    assert {p.name for p in written.values()} == {
+        "nuclei.03_masks.tif",
+        "nuclei.03_seg.npy",
+        "nuclei.03_rois.zip",
+    }
+    masks = tifffile.imread(written["tif"])
+    seg = np.load(written["seg"], allow_pickle=True).item()
+    np.testing.assert_array_equal(seg["masks"], masks)

@@ -73,10 +73,10 @@ def test_bad_tool_files_are_named_and_nothing_is_sent(
     ex = expect()
     log_in(page, served.page_url, served.token_for("erin"))
     root = tmp_path / "bad"
-    (root / "images").mkdir(parents=True)
+    (root / "images" / "train").mkdir(parents=True)
     (root / "masks").mkdir()
     for stem in ("nuclei_00", "nuclei_01", "nuclei_02"):
-        shutil.copy(formats_data / "images/train" / f"{stem}.tif", root / "images")
+        shutil.copy(formats_data / "images/train" / f"{stem}.tif", root / "images" / "train")
     np.save(root / "masks/nuclei_00_seg.npy", {"outlines": np.zeros((256, 256), "uint16")})
     outside = {"type": "Polygon", "coordinates": [[[0, 0], [400, 0], [400, 9], [0, 0]]]}
     (root / "masks/nuclei_01_seg.npy").write_bytes(b"\x93NUMPY not really")
