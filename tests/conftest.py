@@ -28,6 +28,26 @@ def dev_data() -> Path:
     return DEV
 
 
+@pytest.fixture(scope="session")
+def formats_data(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The dev annotations in the tools' formats (tests/assets/formats, seg.zip unpacked).
+
+    A folder with ``images/{train,test}/`` (the dev images) and, for each split,
+    ``seg/`` (cellpose GUI ``_seg.npy``), ``png/`` (16-bit ``_cp_masks.png``),
+    ``geojson/`` (QuPath) and ``rois/`` (ImageJ ROI sets).
+    """
+    import shutil
+    import zipfile
+
+    root = tmp_path_factory.mktemp("formats")
+    shutil.copytree(DEV / "images", root / "images", ignore=shutil.ignore_patterns("3d", "pattern"))
+    for kind in ("png", "geojson", "rois"):
+        shutil.copytree(ASSETS / "formats" / kind, root / kind)
+    with zipfile.ZipFile(ASSETS / "formats" / "seg.zip") as zf:
+        zf.extractall(root)
+    return root
+
+
 def _pairs(root: Path, split: str) -> list[tuple[Path, Path]]:
     images = sorted((root / "images" / split).glob("*.tif"))
     return [(p, root / "annotations" / split / p.name) for p in images]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -77,6 +78,78 @@ def test_infer_writes_one_mask_per_image_with_its_size(trained_session, dev_data
         mask = tifffile.imread(entry["masks"])
         assert mask.shape == tifffile.imread(image).shape[-2:]
         assert mask.dtype in (np.uint16, np.uint32)
+
+
+def test_cellpose_spellings_and_dir_form_reach_the_session(formats_data, tmp_path, monkeypatch):
+    """cellpose's own command line (--dir, --mask_filter _seg.npy, --n_epochs...) on GUI
+    files laid out as cellpose keeps them; the worker is not started (training with these
+    files is tested in tests/engine/test_training.py)."""
+    import shutil
+
+    from cellpose_finetuning.engine import training
+
+    for split in ("train", "test"):
+        folder = tmp_path / split
+        folder.mkdir()
+        for image in (formats_data / "images" / split).glob("*.tif"):
+            shutil.copy(image, folder / image.name)
+            shutil.copy(formats_data / "seg" / split / f"{image.stem}_seg.npy", folder)
+    started = []
+
+    class _NotStarted:
+        pid = 0
+
+    monkeypatch.setattr(training, "start_worker", lambda s: started.append(s) or _NotStarted())
+    code, out = _run(
+        "train",
+        *("--dir", str(tmp_path / "train"), "--test_dir", str(tmp_path / "test")),
+        *("--mask_filter", "_seg.npy", "--pretrained_model", "cpsam", "--n_epochs", "7"),
+        *("--learning_rate", "1e-5", "--weight_decay", "0.1", "--min_train_masks", "5"),
+        *("--out", str(tmp_path / "session"), "--detach"),
+    )
+    assert code == 0, out
+    settings = started[0].settings
+    assert (settings.model, settings.n_epochs, settings.learning_rate) == ("cpsam", 7, 1e-5)
+    assert (settings.weight_decay, settings.min_train_masks) == (0.1, 5)
+    data = started[0].data
+    assert [Path(m).name for _, m in data.train] == [
+        f"{s}_seg.npy"
+        for s in ("bacteria_t15", "bacteria_t17", "nuclei_00", "nuclei_01", "nuclei_02")
+    ]
+    assert [Path(m).name for _, m in data.test] == ["bacteria_t19_seg.npy", "nuclei_03_seg.npy"]
+
+
+def test_infer_saves_every_format_keeping_the_whole_stem(trained_session, dev_data, tmp_path):
+    import shutil
+
+    image = dev_data / "images" / "test" / "nuclei_03.tif"
+    for name in ("a.1.tif", "a.2.tif"):
+        shutil.copy(image, tmp_path / name)
+    out = tmp_path / "out"
+    code, text = _run(
+        "infer",
+        "--model",
+        str(trained_session),
+        str(tmp_path / "a.1.tif"),
+        str(tmp_path / "a.2.tif"),
+        "--out",
+        str(out),
+        "--save",
+        "all",
+        "--json",
+    )
+    assert code == 0, text
+    names = sorted(p.name for p in out.iterdir())
+    assert names == sorted(
+        f"a.{i}{end}"
+        for i in (1, 2)
+        for end in ("_masks.tif", "_seg.npy", "_cp_masks.png", "_rois.zip", ".geojson")
+    )
+    entry = json.loads(text)[0]
+    assert set(entry["files"]) == {"tif", "seg", "png", "rois", "geojson"}
+    masks = tifffile.imread(entry["files"]["tif"])
+    seg = np.load(entry["files"]["seg"], allow_pickle=True).item()
+    np.testing.assert_array_equal(seg["masks"], masks)
 
 
 def test_status_plot_draws_the_curves(trained_session, tmp_path):

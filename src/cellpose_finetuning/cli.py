@@ -170,25 +170,66 @@ def _report(status: Any, session: Any, as_json: bool) -> None:
 
 @main.command()
 @click.option(
-    "--train-images", required=True, help="Folder ending in '/' or a pattern like 'imgs/*.tif'."
+    "--train-images",
+    default=None,
+    help="Folder ending in '/' or a pattern like 'imgs/*.tif' (or use --dir).",
 )
 @click.option(
     "--train-annotations",
-    required=True,
-    help="Folder ending in '/' (same file "
-    "names) or a pattern like 'masks/*_mask.tif' (the '*' parts must match).",
+    default=None,
+    help="Folder ending in '/' (same file names) or a pattern like 'masks/*_mask.tif' or "
+    "'masks/*_seg.npy' (the '*' parts must match).",
 )
 @click.option("--test-images", default=None, help="Test images, same forms.")
 @click.option("--test-annotations", default=None, help="Test masks, same forms.")
 @click.option(
+    "--dir",
+    "cp_dir",
+    default=None,
+    type=click.Path(file_okay=False, path_type=Path),
+    help="cellpose's form: images and annotations in one folder (with --mask_filter).",
+)
+@click.option(
+    "--test_dir",
+    "--test-dir",
+    "cp_test_dir",
+    default=None,
+    type=click.Path(file_okay=False, path_type=Path),
+    help="cellpose's form for the test images.",
+)
+@click.option(
+    "--mask_filter",
+    "--mask-filter",
+    "mask_filter",
+    default="_masks",
+    show_default=True,
+    help="With --dir: what annotation names add to their image's stem (_seg.npy for GUI files).",
+)
+@click.option(
     "--model",
+    "--pretrained_model",
+    "model",
     default="cpsam",
     show_default=True,
     help="Base model: 'cpsam', a .pth checkpoint, or a session directory.",
 )
-@click.option("--n-epochs", type=int, default=10, show_default=True)
-@click.option("--learning-rate", type=float, default=1e-6, show_default=True)
-@click.option("--weight-decay", type=float, default=1e-4, show_default=True)
+@click.option("--n-epochs", "--n_epochs", "n_epochs", type=int, default=10, show_default=True)
+@click.option(
+    "--learning-rate",
+    "--learning_rate",
+    "learning_rate",
+    type=float,
+    default=1e-6,
+    show_default=True,
+)
+@click.option(
+    "--weight-decay",
+    "--weight_decay",
+    "weight_decay",
+    type=float,
+    default=1e-4,
+    show_default=True,
+)
 @click.option(
     "--validation-interval",
     type=int,
@@ -199,6 +240,8 @@ def _report(status: Any, session: Any, as_json: bool) -> None:
 @click.option("--batch-size", type=int, default=1, show_default=True)
 @click.option(
     "--min-train-masks",
+    "--min_train_masks",
+    "min_train_masks",
     type=int,
     default=TrainingSettings.model_fields["min_train_masks"].default,
     show_default=True,
@@ -216,10 +259,13 @@ def _report(status: Any, session: Any, as_json: bool) -> None:
 @click.option("--json", "as_json", is_flag=True, help="Print the final status as JSON.")
 @_friendly_errors
 def train(
-    train_images: str,
-    train_annotations: str,
+    train_images: str | None,
+    train_annotations: str | None,
     test_images: str | None,
     test_annotations: str | None,
+    cp_dir: Path | None,
+    cp_test_dir: Path | None,
+    mask_filter: str,
     model: str,
     n_epochs: int,
     learning_rate: float,
@@ -245,9 +291,23 @@ def train(
           --train-annotations 'masks/*_mask.ome.tif' --test-images test/imgs/ \\
           --test-annotations test/masks/ --validation-interval 1 --model tiny.pth \\
           --n-epochs 3 --out runs/b
+      cellpose-finetuning train --dir gui_annotated/ --mask_filter _seg.npy \\
+          --pretrained_model cpsam --n_epochs 100 --learning_rate 1e-5 --out runs/c
     """
     from cellpose_finetuning.engine.runs import create_local_session
     from cellpose_finetuning.engine.training import start_worker
+
+    train_images, train_annotations = _cellpose_dir(
+        cp_dir, mask_filter, train_images, train_annotations, "--dir", "--train"
+    )
+    test_images, test_annotations = _cellpose_dir(
+        cp_test_dir, mask_filter, test_images, test_annotations, "--test_dir", "--test"
+    )
+    if train_images is None or train_annotations is None:
+        from cellpose_finetuning.errors import InvalidInput
+
+        missing = "--train-images" if train_images is None else "--train-annotations"
+        raise InvalidInput(missing, "give --train-images and --train-annotations, or --dir")
 
     session = create_local_session(
         out=out,
@@ -279,6 +339,25 @@ def train(
         click.echo(f"Started {session.path} (worker pid {worker.pid})")
         return
     _report(_follow(session, worker, as_json), session, as_json)
+
+
+def _cellpose_dir(
+    folder: Path | None,
+    mask_filter: str,
+    images: str | None,
+    annotations: str | None,
+    arg: str,
+    ours: str,
+) -> tuple[str | None, str | None]:
+    """cellpose's --dir/--mask_filter as our two specs (or ours unchanged without --dir)."""
+    if folder is None:
+        return images, annotations
+    from cellpose_finetuning.data.local import cellpose_dir_specs
+    from cellpose_finetuning.errors import InvalidInput
+
+    if images is not None or annotations is not None:
+        raise InvalidInput(arg, f"give either {arg} or {ours}-images/{ours}-annotations")
+    return cellpose_dir_specs(folder, mask_filter, arg)
 
 
 def _test_pairs(test_images: str | None, test_annotations: str | None) -> list:
@@ -387,9 +466,18 @@ def stop(session_dir: Path, wait: bool) -> None:
 
 
 # --------------------------------------------------------------------------- infer
+_SAVE_FORMATS = ("tif", "seg", "png", "rois", "geojson")  # io.annotations.OUTPUT_FORMATS
+
+
+def _save_formats(save: tuple[str, ...]) -> list[str]:
+    return list(_SAVE_FORMATS) if "all" in save else list(dict.fromkeys(save))
+
+
 @main.command()
 @click.option(
     "--model",
+    "--pretrained_model",
+    "model",
     required=True,
     help="'cpsam', a .pth checkpoint, a session directory, or a BioImage.IO package (.zip or "
     "folder) exported by cellpose-finetuning.",
@@ -400,7 +488,18 @@ def stop(session_dir: Path, wait: bool) -> None:
     "out",
     type=click.Path(file_okay=False, path_type=Path),
     required=True,
-    help="Folder for the label TIFFs (<image stem>_masks.tif).",
+    help="Folder for the results (<image stem>_masks.tif, and the --save formats).",
+)
+@click.option(
+    "--save",
+    "save",
+    multiple=True,
+    type=click.Choice([*_SAVE_FORMATS, "all"]),
+    default=("tif",),
+    show_default=True,
+    help="Output formats, repeatable: tif (<stem>_masks.tif), seg (cellpose GUI <stem>_seg.npy), "
+    "png (<stem>_cp_masks.png), rois (Fiji <stem>_rois.zip), geojson (QuPath <stem>.geojson), "
+    "or all.",
 )
 @click.option(
     "--diameter",
@@ -446,19 +545,24 @@ def infer(
     device: str | None,
     overlay: bool,
     as_json: bool,
+    save: tuple[str, ...],
 ) -> None:
-    """Segment images and write label masks as TIFF.
+    """Segment images and write label masks (TIFF, and the formats of --save).
 
     \b
     Examples:
       cellpose-finetuning infer --model runs/first data/images/test/*.tif --out masks/
       cellpose-finetuning infer --model cpsam --diameter 17 big.tif --out masks/
+      cellpose-finetuning infer --model runs/first imgs/*.tif --out imgs/ --save seg --save rois
     """
     from tqdm import tqdm
 
     from cellpose_finetuning.engine.inference import ModelCache, ModelResolver, segment
     from cellpose_finetuning.engine.schemas import InferenceSettings
-    from cellpose_finetuning.io.images import read_image, write_mask
+    from cellpose_finetuning.io.annotations import output_stem, write_outputs
+    from cellpose_finetuning.io.images import read_image
+
+    formats = _save_formats(save)
 
     settings = InferenceSettings(
         diameter=diameter,
@@ -476,9 +580,9 @@ def infer(
     for path in tqdm(images, unit="image", disable=as_json or len(images) < 2):
         image = read_image(path)
         masks = segment(cp_model, image, settings, name=str(path))
-        stem = path.name.split(".")[0]
-        target = out / f"{stem}_masks.tif"
-        write_mask(target, masks)
+        stem = output_stem(path.name)
+        written = write_outputs(out, path.name, masks, formats, image=image)
+        target = next(iter(written.values()))
         if overlay and image.ndim == 3:
             from PIL import Image
 
@@ -490,13 +594,15 @@ def infer(
             {
                 "image": str(path),
                 "masks": str(target),
+                "files": {fmt: str(p) for fmt, p in written.items()},
                 "shape": list(masks.shape),
                 "dtype": str(masks.dtype),
                 "n_objects": n_obj,
             }
         )
         if not as_json:
-            tqdm.write(f"{path} -> {target} ({n_obj} objects)")
+            shown = ", ".join(str(p) for p in written.values())
+            tqdm.write(f"{path} -> {shown} ({n_obj} objects)")
     if as_json:
         click.echo(json.dumps(summary, indent=1))
 
@@ -1187,17 +1293,31 @@ def remote_export(
 @click.argument("images", nargs=-1, required=True, type=click.Path(exists=True, path_type=Path))
 @click.option("--out", type=click.Path(file_okay=False, path_type=Path), required=True)
 @click.option("--diameter", type=float, default=None)
+@click.option(
+    "--save",
+    multiple=True,
+    type=click.Choice([*_SAVE_FORMATS, "all"]),
+    default=("tif",),
+    show_default=True,
+    help="Output formats, repeatable (as for `infer`).",
+)
 @click.pass_context
 def remote_infer(
-    ctx: click.Context, model: str, images: tuple[Path, ...], out: Path, diameter: float | None
+    ctx: click.Context,
+    model: str,
+    images: tuple[Path, ...],
+    out: Path,
+    diameter: float | None,
+    save: tuple[str, ...],
 ) -> None:
-    """Send local images to the service and write the masks as TIFF.
+    """Send local images to the service and write the masks (TIFF, and the --save formats).
 
     \b
     Example:
-      cellpose-finetuning remote infer --model SESSION_ID img.tif --out masks/
+      cellpose-finetuning remote infer --model SESSION_ID img.tif --out masks/ --save seg
     """
-    from cellpose_finetuning.io.images import read_image, write_mask
+    from cellpose_finetuning.io.annotations import write_outputs
+    from cellpose_finetuning.io.images import read_image
 
     arrays = [read_image(p) for p in images]
 
@@ -1205,8 +1325,8 @@ def remote_infer(
         return await svc.infer(model=model, input_arrays=arrays, diameter=diameter)
 
     for path, result in zip(images, _remote_run(ctx, body), strict=True):
-        target = write_mask(out / f"{path.name.split('.')[0]}_masks.tif", result["output"])
-        click.echo(f"{path} -> {target}")
+        written = write_outputs(out, path.name, result["output"], _save_formats(save))
+        click.echo(f"{path} -> {', '.join(str(p) for p in written.values())}")
 
 
 # --------------------------------------------------------------------------- demo

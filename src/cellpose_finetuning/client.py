@@ -24,7 +24,15 @@ from typing import Any
 
 from cellpose_finetuning.data.artifacts import upload_files
 
-__all__ = ["connect", "follow", "infer", "publish_package", "train", "upload_folder"]
+__all__ = [
+    "connect",
+    "follow",
+    "infer",
+    "infer_files",
+    "publish_package",
+    "train",
+    "upload_folder",
+]
 
 TERMINAL = ("completed", "failed", "stopped")
 
@@ -135,6 +143,46 @@ async def infer(svc: Any, images: list[Any], **kwargs: Any) -> list[Any]:
     """Segment numpy arrays; returns the label images."""
     result = await svc.infer(input_arrays=list(images), **kwargs)
     return [r["output"] for r in result]
+
+
+async def infer_files(
+    svc: Any,
+    paths: list[str | os.PathLike[str]],
+    out: str | os.PathLike[str],
+    *,
+    save: tuple[str, ...] | list[str] = ("tif",),
+    **kwargs: Any,
+) -> list[dict[str, Path]]:
+    """Segment local image files and write the results where the tools open them.
+
+    Parameters
+    ----------
+    svc : service proxy
+        From :func:`connect`.
+    paths : list of path-like
+        Image files (any format :func:`~cellpose_finetuning.io.images.read_image` reads).
+    out : path-like
+        Folder for the results; names keep each image's whole stem (``a.1_masks.tif``).
+    save : sequence of str
+        Any of ``tif`` (``_masks.tif``), ``seg`` (cellpose GUI ``_seg.npy``),
+        ``png`` (``_cp_masks.png``), ``rois`` (Fiji ``_rois.zip``), ``geojson``
+        (QuPath ``.geojson``).
+    **kwargs
+        ``infer`` arguments (``model``, ``diameter``...).
+
+    Returns
+    -------
+    list of dict
+        Per image: format -> file written.
+    """
+    from cellpose_finetuning.io.annotations import check_formats, write_outputs
+    from cellpose_finetuning.io.images import read_image
+
+    formats = check_formats(save)
+    paths = [Path(p) for p in paths]
+    images = [read_image(p) for p in paths]
+    masks = await infer(svc, images, **kwargs)
+    return [write_outputs(out, p.name, m, formats) for p, m in zip(paths, masks, strict=True)]
 
 
 async def publish_package(

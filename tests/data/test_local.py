@@ -184,3 +184,23 @@ def test_cli_pairing_errors_name_the_options(tmp_path):
     _touch(tmp_path, "imgs/a.tif", "masks/b.tif")
     with pytest.raises(InvalidInput, match="--train-images/--train-annotations"):
         pair_local_specs(f"{tmp_path}/imgs/", f"{tmp_path}/masks/")
+
+
+def test_cellpose_dir_specs_pair_gui_files_and_masks_beside_their_images(tmp_path):
+    from cellpose_finetuning.data.local import cellpose_dir_specs, pair_local_specs
+
+    for name in ("a.1.tif", "b.tif", "a.1_seg.npy", "b_seg.npy", "a.1_masks.png", "b_masks.png"):
+        (tmp_path / name).write_bytes(b"x")
+    images, masks = cellpose_dir_specs(tmp_path, "_seg.npy")
+    assert (images, masks) == (f"{tmp_path.as_posix()}/*.tif", f"{tmp_path.as_posix()}/*_seg.npy")
+    pairs = pair_local_specs(images, masks)
+    assert [(i.name, m.name) for i, m in pairs] == [
+        ("a.1.tif", "a.1_seg.npy"),
+        ("b.tif", "b_seg.npy"),
+    ]
+    assert cellpose_dir_specs(tmp_path)[1] == f"{tmp_path.as_posix()}/*_masks.png"
+    with pytest.raises(InvalidInput, match="no annotation files ending in '_cp_masks'"):
+        cellpose_dir_specs(tmp_path, "_cp_masks")
+    (tmp_path / "b_masks.tif").write_bytes(b"x")
+    with pytest.raises(InvalidInput, match=r"several file types \(\.png, \.tif\)"):
+        cellpose_dir_specs(tmp_path)

@@ -294,3 +294,58 @@ def test_disk_full_while_checkpointing_keeps_the_previous_checkpoint(
     net, _ = load_network(session.weights("last"))  # the epoch-2 checkpoint, intact
     assert net is not None
     assert not list(session.path.glob("weights/.*tmp*"))  # no half-written files left
+
+
+# ----------------------------------------------------------------------------- tools' formats
+def _seg_pairs(pairs, formats_data: Path, split: str):
+    return [(img, formats_data / "seg" / split / f"{img.stem}_seg.npy") for img, _ in pairs]
+
+
+def _losses(tmp_path: Path, name: str, train, test, tiny_model) -> tuple[list, list]:
+    session = create_local_session(
+        out=tmp_path / name,
+        train_pairs=train,
+        test_pairs=test,
+        settings=dict(
+            model=str(tiny_model), n_epochs=1, learning_rate=1e-3, validation_interval=1, seed=3
+        ),
+    )
+    status = run_training(session)
+    assert status.status_type == "completed", status.message
+    return status.train_losses, status.test_losses
+
+
+def test_gui_seg_files_train_exactly_as_the_tiff_masks(
+    tmp_path, tiny_model, train_pairs, test_pairs, formats_data
+):
+    """The same seed on a dev image and a test image: the same losses (the whole dev set
+    in every format: the slow test below)."""
+    train = [train_pairs[2]]
+    test = test_pairs[1:]
+    tiff = _losses(tmp_path, "tiff", train, test, tiny_model)
+    seg = _losses(
+        tmp_path,
+        "seg",
+        _seg_pairs(train, formats_data, "train"),
+        _seg_pairs(test, formats_data, "test"),
+        tiny_model,
+    )
+    assert seg == tiff and tiff[0][0] > 0
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("fmt", ["seg", "png", "geojson", "rois"])
+def test_the_whole_dev_set_in_each_format_trains_as_the_tiff_masks(
+    tmp_path, tiny_model, train_pairs, test_pairs, formats_data, fmt
+):
+    ending = {"seg": "_seg.npy", "png": "_cp_masks.png", "geojson": ".geojson", "rois": "_rois.zip"}
+    fmt_pairs = {
+        split: [(img, formats_data / fmt / split / f"{img.stem}{ending[fmt]}") for img, _ in p]
+        for split, p in (("train", train_pairs), ("test", test_pairs))
+    }
+    tiff = _losses(tmp_path, "tiff", train_pairs, test_pairs, tiny_model)
+    other = _losses(tmp_path, fmt, fmt_pairs["train"], fmt_pairs["test"], tiny_model)
+    if fmt in ("seg", "png"):
+        assert other == tiff
+    else:  # rasterised polygons: the same objects up to a few boundary pixels
+        np.testing.assert_allclose(other[0], tiff[0], rtol=0.05)

@@ -78,6 +78,16 @@ CASES = [
     # the root folder, and a pattern whose fixed part is the whole name
     _case("./", "masks/", ["a.tif", "b.png", "masks/a.tif", "masks/b.png"]),
     _case("im/*.tif", "gt/*.tif", ["im/.tif", "gt/.tif", "im/x.tif", "gt/x.tif"]),
+    # the tools' annotation files: by pattern (also beside the images, as cellpose keeps
+    # them), and in the folder form a hint naming the pattern to use
+    _case("im/*.tif", "gt/*_seg.npy", ["im/a.1.tif", "im/b.tif", "gt/a.1_seg.npy", "gt/b_seg.npy"]),
+    _case("data/*.tif", "data/*_seg.npy", ["data/a.tif", "data/a_seg.npy", "data/a.png"]),
+    _case("im/*.png", "gt/*.geojson", ["im/a.png", "im/b.png", "gt/a.geojson", "gt/b.GeoJSON"]),
+    _case("im/*.tif", "gt/*_rois.zip", ["im/a.tif", "gt/a_rois.zip", "gt/b_rois.zip"]),
+    _case("im/*.tif", "gt/*_cp_masks.png", ["im/a.tif", "gt/a_cp_masks.png", "gt/a.txt"]),
+    _case("im/", "gt/", ["im/a.tif", "im/b.tif", "gt/a_seg.npy", "gt/b_seg.npy"]),
+    _case("im/", "gt/", ["im/a.ome.tif", "gt/a.geojson", "gt/notes.txt"]),
+    _case("./", "gt/", ["a.png", "gt/a_RoiSet.zip"]),
     # spec errors
     _case("images/train", "annotations/train/", DEV_NAMES),
     _case("images/train/", "annotations/*.tif", DEV_NAMES),

@@ -19,7 +19,13 @@ from pathlib import Path
 from cellpose_finetuning.data.pairing import is_pattern, pair_files, safe_relpath, spec_dir
 from cellpose_finetuning.errors import InvalidInput
 
-__all__ = ["list_files", "pair_local", "pair_local_specs", "split_local_spec"]
+__all__ = [
+    "cellpose_dir_specs",
+    "list_files",
+    "pair_local",
+    "pair_local_specs",
+    "split_local_spec",
+]
 
 
 def _inside(path: Path, root: Path) -> bool:
@@ -245,3 +251,99 @@ def pair_local_specs(
         annotations_arg=annotations_arg,
         allow_links_outside=True,
     )
+
+
+#: Files cellpose's own commands leave in an image folder that are never images.
+_CELLPOSE_OUTPUTS = ("_flows", "_cp_masks", "_cp_output", "_outlines", "_seg", "_rois")
+
+
+def cellpose_dir_specs(
+    folder: str | os.PathLike[str], mask_filter: str = "_masks", arg: str = "--dir"
+) -> tuple[str, str]:
+    """cellpose's ``--dir D --mask_filter F`` as our two pattern specs.
+
+    cellpose keeps images and annotations in one folder: ``a.tif`` with
+    ``a_masks.tif`` (``--mask_filter _masks``, its default) or with the GUI's
+    ``a_seg.npy`` (``--mask_filter _seg.npy``). The annotation suffix is the
+    filter itself when it ends in a file type (``_seg.npy``, ``.geojson``),
+    else the filter plus the one file type its files use; the image suffix is
+    the one file type of the images those annotations belong to. The specs
+    then pair as usual (:func:`pair_local_specs`), with the usual errors.
+
+    Parameters
+    ----------
+    folder : path-like
+        The folder with images and annotations.
+    mask_filter : str
+        What annotation names add to their image's stem.
+    arg : str
+        The option named in errors.
+
+    Returns
+    -------
+    (str, str)
+        Image and annotation patterns, e.g. ``("D/*.tif", "D/*_seg.npy")``.
+
+    Raises
+    ------
+    InvalidInput
+        No such folder, no annotation files, or several file types where one is needed.
+
+    Examples
+    --------
+    With ``D/a.tif``, ``D/a_seg.npy``: ``cellpose_dir_specs("D", "_seg.npy")``
+    gives ``("D/*.tif", "D/*_seg.npy")``.
+    """
+    from cellpose_finetuning.io.annotations import ANNOTATION_SUFFIXES
+    from cellpose_finetuning.io.images import is_image_file
+
+    root = Path(folder)
+    if not root.is_dir():
+        raise InvalidInput(arg, f"folder {str(root)!r} does not exist")
+    if not mask_filter or "/" in mask_filter or "*" in mask_filter:
+        raise InvalidInput("--mask_filter", f"{mask_filter!r} is not a file-name ending")
+    names = sorted(e.name for e in os.scandir(root) if e.is_file())
+    lower_filter = mask_filter.lower()
+    if lower_filter.endswith(ANNOTATION_SUFFIXES):
+        mask_suffix = mask_filter
+    else:
+        exts = {
+            os.path.splitext(n)[1]
+            for n in names
+            if os.path.splitext(n)[0].endswith(mask_filter)
+            and n.lower().endswith(ANNOTATION_SUFFIXES)
+        }
+        if not exts:
+            raise InvalidInput(
+                arg,
+                f"no annotation files ending in {mask_filter!r} (+ a file type) in {str(root)!r}; "
+                "set --mask_filter (e.g. _seg.npy for the cellpose GUI's files)",
+            )
+        if len(exts) > 1:
+            raise InvalidInput(
+                arg,
+                f"annotations ending in {mask_filter!r} have several file types "
+                f"({', '.join(sorted(exts))}); keep one, or give --train-annotations",
+            )
+        mask_suffix = mask_filter + exts.pop()
+    keys = {n[: -len(mask_suffix)] for n in names if n.endswith(mask_suffix)}
+    img_exts = {
+        os.path.splitext(n)[1]
+        for n in names
+        if is_image_file(n)
+        and not n.endswith(mask_suffix)
+        and not os.path.splitext(n)[0].endswith(_CELLPOSE_OUTPUTS)
+        and os.path.splitext(n)[0] in keys
+    }
+    if not img_exts:
+        raise InvalidInput(
+            arg, f"no image in {str(root)!r} has an annotation named '<image stem>{mask_suffix}'"
+        )
+    if len(img_exts) > 1:
+        raise InvalidInput(
+            arg,
+            f"the images have several file types ({', '.join(sorted(img_exts))}); keep one, "
+            "or give --train-images and --train-annotations patterns",
+        )
+    base = root.as_posix().rstrip("/") + "/"
+    return base + "*" + img_exts.pop(), base + "*" + mask_suffix

@@ -12,9 +12,16 @@ sides of a pair of arguments must use the same one:
   ``t0000_mask.ome.tif``).
 
 Only image files count (:func:`cellpose_finetuning.io.images.is_image_file`),
-so a ``.geojson`` beside the masks is ignored. When both patterns list the same
-folder and a file matches both (``data/*.tif`` and ``data/*_mask.tif``), it
-belongs to the pattern with more fixed characters (here the masks).
+so a ``.geojson`` beside the masks is ignored in the folder form. In the pattern
+form the annotations may also be the tools' own files
+(:func:`cellpose_finetuning.io.annotations.is_annotation_file`: cellpose GUI
+``_seg.npy``, QuPath ``.geojson``, ImageJ ROI ``.zip``), e.g.
+``images/*.tif`` with ``annotations/*_seg.npy``; when a folder-form pairing
+fails and the annotation folder holds such files, the error says so.
+
+When both patterns list the same folder and a file matches both (``data/*.tif``
+and ``data/*_mask.tif``), it belongs to the pattern with more fixed characters
+(here the masks).
 """
 
 from __future__ import annotations
@@ -29,6 +36,7 @@ from typing import TypeVar
 from natsort import natsorted
 
 from cellpose_finetuning.errors import InvalidInput
+from cellpose_finetuning.io.annotations import is_annotation_file
 from cellpose_finetuning.io.images import is_image_file
 
 __all__ = [
@@ -158,8 +166,9 @@ def _fixed_chars(spec: str) -> int:
     return len(spec.rpartition("/")[2].replace("*", "")) if is_pattern(spec) else 0
 
 
-def _select(spec: str, names: Iterable[str]) -> dict[str, str]:
-    """Map pairing key -> name for the image files a (checked) spec selects."""
+def _select(spec: str, names: Iterable[str], *, annotations: bool = False) -> dict[str, str]:
+    """Map pairing key -> name for the image (or, in the pattern form, annotation) files."""
+    accept = is_annotation_file if annotations and is_pattern(spec) else is_image_file
     folder = spec_dir(spec)
     prefix = folder + "/" if folder else ""
     before, after = spec.rpartition("/")[2].split("*") if is_pattern(spec) else ("", "")
@@ -169,7 +178,7 @@ def _select(spec: str, names: Iterable[str]) -> dict[str, str]:
         if not name.startswith(prefix):
             continue
         base = name[len(prefix) :]
-        if not base or "/" in base or not is_image_file(base):
+        if not base or "/" in base or not accept(base):
             continue
         if not is_pattern(spec):
             out[base] = name
@@ -183,6 +192,39 @@ def _listing(names: Iterable[str]) -> str:
     shown = ", ".join(names[:_MAX_LISTED])
     more = len(names) - _MAX_LISTED
     return shown + (f" and {more} more" if more > 0 else "")
+
+
+_TOOL_SUFFIXES = ("_seg.npy", "_rois.zip", ".zip", ".geojson")
+
+
+def _tool_hint(images_spec: str, annotations_spec: str, names: list[str]) -> str:
+    """For the folder form: how to pair the tools' annotation files, if the folder has some."""
+    if is_pattern(annotations_spec):
+        return ""
+    folder = spec_dir(annotations_spec)
+    prefix = folder + "/" if folder else ""
+    found = natsorted(n for n in names if n.startswith(prefix) and "/" not in n[len(prefix) :])
+    for name in found:
+        lower = name.lower()
+        suffix = next((s for s in _TOOL_SUFFIXES if lower.endswith(s)), None)
+        if suffix is None:
+            continue
+        img_folder = spec_dir(images_spec)
+        img_prefix = img_folder + "/" if img_folder else ""
+        exts = natsorted(
+            "." + n.rpartition(".")[2]
+            for n in names
+            if n.startswith(img_prefix)
+            and "/" not in n[len(img_prefix) :]
+            and is_image_file(n)
+            and "." in n[len(img_prefix) :]
+        )
+        ext = exts[0] if exts else ".tif"
+        return (
+            f"; annotation files such as {name.rpartition('/')[2]!r} pair by pattern: give "
+            f"{img_prefix + '*' + ext!r} and {prefix + '*' + name[len(name) - len(suffix) :]!r}"
+        )
+    return ""
 
 
 def _files_in(folder: str, names: list[str]) -> int:
@@ -271,7 +313,7 @@ def pair_files(
         raise InvalidInput(both, f"images and annotations are the same ({images_spec!r})")
     names = [n.lstrip("/") for n in names]
     images = _select(images_spec, names)
-    masks = _select(annotations_spec, names)
+    masks = _select(annotations_spec, names, annotations=True)
     shared = set(images.values()) & set(masks.values())
     if shared:
         # Same folder, overlapping patterns: the more specific pattern keeps the file.
@@ -291,10 +333,11 @@ def pair_files(
     ):
         if not found:
             folder = spec_dir(spec)
+            hint = _tool_hint(images_spec, spec, names) if arg == annotations_arg else ""
             raise InvalidInput(
                 arg,
                 f"{spec!r} matches no image files ({_files_in(folder, names)} files "
-                f"directly in {folder or '.'!r})",
+                f"directly in {folder or '.'!r}){hint}",
             )
     only_images = [images[k] for k in images.keys() - masks.keys()]
     only_masks = [masks[k] for k in masks.keys() - images.keys()]
@@ -310,7 +353,9 @@ def pair_files(
                 f"{len(only_masks)} annotations in {annotations_arg} have no image in "
                 f"{images_arg} ({images_spec!r}): {_listing(only_masks)}"
             )
-        raise InvalidInput(both, "; ".join(problems))
+        raise InvalidInput(
+            both, "; ".join(problems) + _tool_hint(images_spec, annotations_spec, names)
+        )
     return [Pair(images[k], masks[k], k) for k in natsorted(images)]
 
 

@@ -238,14 +238,21 @@ def to_canonical(
 # ------------------------------------------------------------------ reading files
 
 
-def _check_file(path: Path) -> None:
+def _check_file(path: Path, *, mask: bool = False) -> None:
     if not path.exists():
         raise InvalidInput(str(path), "file does not exist")
     if not path.is_file():
         raise InvalidInput(str(path), "is not a file")
     if path.stat().st_size == 0:
         raise InvalidInput(str(path), "file is empty (0 bytes)")
-    if not is_image_file(path.name):
+    if mask:
+        from cellpose_finetuning.io.annotations import ANNOTATION_SUFFIXES, is_annotation_file
+
+        if not is_annotation_file(path.name):
+            raise InvalidInput(
+                str(path), f"unsupported file type; use one of {', '.join(ANNOTATION_SUFFIXES)}"
+            )
+    elif not is_image_file(path.name):
         raise InvalidInput(
             str(path),
             f"unsupported file type; use one of {', '.join(SUPPORTED_IMAGE_SUFFIXES)}",
@@ -327,7 +334,7 @@ def _read_pil(path: Path, max_pixels: int, *, mask: bool) -> tuple[np.ndarray, s
 
 def _read_raw(path: Path, max_pixels: int | None, *, mask: bool) -> tuple[np.ndarray, str | None]:
     """The file's array and its axes (None when the file does not say)."""
-    _check_file(path)
+    _check_file(path, mask=mask)
     limit = DEFAULT_MAX_PIXELS if max_pixels is None else max_pixels
     lower = path.name.lower()
     if lower.endswith(_TIFF_SUFFIXES):
@@ -491,14 +498,18 @@ def read_mask(
     Palette PNGs keep their indices; RGB(A) masks in the BioImage.IO Colab
     format (blue = 0, id = R*256 + G) or with three equal channels are
     decoded; a singleton channel axis is dropped. Other colour pictures are
-    refused.
+    refused. The tools' own formats are read too
+    (:mod:`cellpose_finetuning.io.annotations`): cellpose GUI ``_seg.npy``
+    (safely), QuPath ``.geojson`` and ImageJ ROI sets (``.zip``), the last two
+    rasterised at ``expected_shape``.
 
     Parameters
     ----------
     path : path-like
-        Mask file (same suffixes as :func:`read_image`).
+        Mask file (the suffixes of :func:`read_image`, ``.geojson`` and ``.zip``).
     expected_shape : tuple of int, optional
         The shape the mask must have: the image's (H, W), or (Z, H, W).
+        Needed for ``.geojson`` and ``.zip``.
     max_pixels : int, optional
         Limit on the values the file declares (default 2**31).
 
@@ -513,7 +524,15 @@ def read_mask(
         Naming the file, for any problem :func:`read_image` or
         :func:`validate_mask` reports, and for colour masks in no known format.
     """
+    from cellpose_finetuning.io.annotations import read_annotation_labels
+
     path = Path(path)
+    _check_file(path, mask=True)
+    if expected_shape is not None:
+        _check_size(path, tuple(expected_shape), max_pixels or DEFAULT_MAX_PIXELS)
+    labels = read_annotation_labels(path, expected_shape)
+    if labels is not None:
+        return validate_mask(labels, str(path), expected_shape)
     arr, axes = _read_raw(path, max_pixels, mask=True)
     return validate_mask(_mask_labels(arr, axes, str(path)), str(path), expected_shape)
 

@@ -1090,3 +1090,60 @@ class CellposeService:
             offset += page
         out.sort(key=lambda m: m["created_at"] or 0, reverse=True)
         return out
+
+    # ------------------------------------------------------------------ annotation files
+    @api_method
+    async def read_annotation(
+        self,
+        file_name: str,
+        data: bytes,
+        image_shape: list[int] | None = None,
+        context: Any = None,
+    ) -> dict[str, Any]:
+        """Read one annotation file as training reads it, before anything is uploaded.
+
+        file_name: its name; the suffix picks the reader (label image, cellpose GUI _seg.npy,
+        QuPath .geojson, ImageJ ROI set .zip). data: the file's bytes. image_shape: the paired
+        image's [height, width] (needed for .geojson and .zip). Returns {"labels": uint16 or
+        uint32 array, "n_objects": int}; errors name the file.
+        """
+        from cellpose_finetuning.io.annotations import read_annotation_bytes
+
+        caller_from_context(context)
+        if isinstance(data, bytes | bytearray) and len(data) > self.config.max_pixels * 8:
+            raise ResourceLimit(f"{file_name}: file larger than {self.config.max_pixels * 8:,} B")
+        labels = await asyncio.to_thread(
+            read_annotation_bytes,
+            file_name,
+            data,
+            image_shape,
+            max_pixels=self.config.max_pixels,
+        )
+        return {"labels": labels, "n_objects": int(labels.max())}
+
+    @api_method
+    async def convert_masks(
+        self,
+        masks: Any,
+        image_name: str,
+        formats: list[str] | None = None,
+        context: Any = None,
+    ) -> dict[str, bytes]:
+        """Masks as the files the tools open: {file name: bytes}.
+
+        masks: (H, W) labels (e.g. infer's "output"). image_name: the segmented image's file
+        name; names keep its whole stem. formats: any of "tif" (<stem>_masks.tif), "seg"
+        (cellpose GUI <stem>_seg.npy), "png" (<stem>_cp_masks.png), "rois" (Fiji
+        <stem>_rois.zip), "geojson" (QuPath <stem>.geojson); default all.
+        """
+        from cellpose_finetuning.io.annotations import OUTPUT_FORMATS, encode_outputs
+
+        caller_from_context(context)
+        if not isinstance(masks, np.ndarray):
+            raise InvalidInput("masks", f"expected a numpy array, got {type(masks).__name__}")
+        self._check_pixels(masks.shape, "masks")
+        if not isinstance(image_name, str) or not image_name.strip():
+            raise InvalidInput("image_name", "must be the image's file name")
+        return await asyncio.to_thread(
+            encode_outputs, masks, image_name, list(formats or OUTPUT_FORMATS)
+        )

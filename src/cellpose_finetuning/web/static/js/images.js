@@ -9,6 +9,42 @@ const isPng = (name) => lower(name).endsWith(".png");
 const isJpeg = (name) => /\.jpe?g$/.test(lower(name));
 const isNpy = (name) => lower(name).endsWith(".npy");
 
+// ------------------------------------------------------------------ the tools' formats
+/**
+ * Whether a mask file is one the page cannot decode itself, so the service reads it
+ * (read_annotation): cellpose GUI _seg.npy (a pickle), QuPath .geojson and ImageJ ROI
+ * sets (.zip) that need rasterising, and 16-bit PNGs (a canvas only gives 8 bits).
+ */
+export async function readByService(file) {
+  const name = lower(file.name);
+  if (name.endsWith(".geojson") || name.endsWith(".zip")) return true;
+  if (isNpy(name)) {
+    const head = new TextDecoder().decode(new Uint8Array(await file.slice(0, 256).arrayBuffer()));
+    return /'descr':\s*'\|O'/.test(head);
+  }
+  if (isPng(name)) {
+    const head = new Uint8Array(await file.slice(0, 26).arrayBuffer());
+    return head.length >= 26 && head[24] === 16; // IHDR bit depth
+  }
+  return false;
+}
+
+/**
+ * Read a mask with the service (read_annotation), as training will read it.
+ * @returns {Promise<{width, height, labels: Uint32Array, n: number}>}
+ */
+export async function readLabelsByService(conn, file, name, shape) {
+  const data = new Uint8Array(await file.arrayBuffer());
+  const got = await conn.call("read_annotation", {
+    file_name: name || file.name, data, image_shape: shape || null,
+  });
+  const nd = got.labels;
+  const [height, width] = nd._rshape;
+  const { fromNdarray } = await import("./overlay.js");
+  const labels = Uint32Array.from(fromNdarray(nd).data, Number);
+  return { width, height, labels, n: got.n_objects };
+}
+
 // ------------------------------------------------------------------ .npy
 const NPY_TYPES = {
   b1: [Uint8Array, "bool", "b"], u1: [Uint8Array, "uint8", "u"], i1: [Int8Array, "int8", "i"],
@@ -193,7 +229,7 @@ async function maskPlanes(info) {
  * @param {File} maskFile
  * @returns {Promise<string[]>}
  */
-export async function checkPair(pair, imageFile, maskFile) {
+export async function checkPair(pair, imageFile, maskFile, conn = null) {
   const problems = [];
   let image = null;
   let mask = null;
@@ -202,6 +238,23 @@ export async function checkPair(pair, imageFile, maskFile) {
     if (!image.width || !image.height) problems.push(`${pair.image}: the image is empty`);
   } catch (err) {
     problems.push(`${pair.image}: cannot read the image (${err.message})`);
+  }
+  if (conn && (await readByService(maskFile))) {
+    try {
+      const shape = image ? [image.height, image.width] : null;
+      const got = await readLabelsByService(conn, maskFile, pair.annotation, shape);
+      if (image && (got.width !== image.width || got.height !== image.height)) {
+        problems.push(
+          `${pair.annotation}: mask shape (${got.height}, ${got.width}) differs from image ` +
+            `shape (${image.height}, ${image.width}) of ${pair.image}`,
+        );
+      }
+    } catch (err) {
+      const { errorText } = await import("./api.js");
+      const text = errorText(err);
+      problems.push(text.startsWith(pair.annotation) ? text : `${pair.annotation}: ${text}`);
+    }
+    return problems;
   }
   try {
     mask = await probe(maskFile);

@@ -13,6 +13,10 @@ export const IMAGE_SUFFIXES = [
   ".ome.tif", ".ome.tiff", ".tif", ".tiff", ".png", ".jpg", ".jpeg", ".npy",
 ];
 
+/** Suffixes read only as annotations (io/annotations.py POLYGON_SUFFIXES). */
+export const ANNOTATION_ONLY_SUFFIXES = [".geojson", ".zip"];
+const TOOL_SUFFIXES = ["_seg.npy", "_rois.zip", ".zip", ".geojson"];
+
 const MAX_LISTED = 10;
 const SCHEME = /^[A-Za-z][A-Za-z0-9+.-]*:/;
 const FORMS =
@@ -122,6 +126,12 @@ export function isImageFile(name) {
   return IMAGE_SUFFIXES.some((s) => lower.endsWith(s));
 }
 
+/** Whether a file name is one the service reads as annotations (io/annotations.py). */
+export function isAnnotationFile(name) {
+  const lower = name.toLowerCase();
+  return isImageFile(name) || ANNOTATION_ONLY_SUFFIXES.some((s) => lower.endsWith(s));
+}
+
 function parts(path) {
   return path.split("/").filter((p) => p !== "" && p !== ".");
 }
@@ -188,7 +198,8 @@ function fixedChars(spec) {
   return isPattern(spec) ? [...rpartition(spec, "/")[2].replace("*", "")].length : 0;
 }
 
-function select(spec, names) {
+function select(spec, names, annotations = false) {
+  const accept = annotations && isPattern(spec) ? isAnnotationFile : isImageFile;
   const folder = specDir(spec);
   const prefix = folder ? folder + "/" : "";
   const [before, after] = isPattern(spec) ? rpartition(spec, "/")[2].split("*") : ["", ""];
@@ -197,7 +208,7 @@ function select(spec, names) {
   for (const name of names) {
     if (!name.startsWith(prefix)) continue;
     const base = name.slice(prefix.length);
-    if (!base || base.includes("/") || !isImageFile(base)) continue;
+    if (!base || base.includes("/") || !accept(base)) continue;
     if (!isPattern(spec)) out.set(base, name);
     else if (base.length > fixed && base.startsWith(before) && base.endsWith(after)) {
       out.set(base.slice(before.length, base.length - after.length), name);
@@ -211,6 +222,40 @@ function listing(names) {
   const shown = sorted.slice(0, MAX_LISTED).join(", ");
   const more = sorted.length - MAX_LISTED;
   return shown + (more > 0 ? ` and ${more} more` : "");
+}
+
+// For the folder form: how to pair the tools' annotation files, if the folder has some.
+function toolHint(imagesSpec, annotationsSpec, names) {
+  if (isPattern(annotationsSpec)) return "";
+  const folder = specDir(annotationsSpec);
+  const prefix = folder ? folder + "/" : "";
+  const found = natsorted(
+    names.filter((n) => n.startsWith(prefix) && !n.slice(prefix.length).includes("/")),
+  );
+  for (const name of found) {
+    const lower = name.toLowerCase();
+    const suffix = TOOL_SUFFIXES.find((s) => lower.endsWith(s));
+    if (suffix === undefined) continue;
+    const imgFolder = specDir(imagesSpec);
+    const imgPrefix = imgFolder ? imgFolder + "/" : "";
+    const exts = natsorted(
+      names
+        .filter(
+          (n) =>
+            n.startsWith(imgPrefix) &&
+            !n.slice(imgPrefix.length).includes("/") &&
+            isImageFile(n) &&
+            n.slice(imgPrefix.length).includes("."),
+        )
+        .map((n) => "." + rpartition(n, ".")[2]),
+    );
+    const ext = exts.length ? exts[0] : ".tif";
+    return (
+      `; annotation files such as ${pyRepr(rpartition(name, "/")[2])} pair by pattern: give ` +
+      `${pyRepr(imgPrefix + "*" + ext)} and ${pyRepr(prefix + "*" + name.slice(name.length - suffix.length))}`
+    );
+  }
+  return "";
 }
 
 function filesIn(folder, names) {
@@ -265,7 +310,7 @@ export function pairFiles(
   }
   names = names.map((n) => n.replace(/^\/+/, ""));
   const images = select(imagesSpec, names);
-  const masks = select(annotationsSpec, names);
+  const masks = select(annotationsSpec, names, true);
   const maskNames = new Set(masks.values());
   const shared = new Set([...images.values()].filter((v) => maskNames.has(v)));
   if (shared.size) {
@@ -288,10 +333,11 @@ export function pairFiles(
   ]) {
     if (!found.size) {
       const folder = specDir(spec);
+      const hint = arg === annotationsArg ? toolHint(imagesSpec, spec, names) : "";
       throw new PairingError(
         arg,
         `${pyRepr(spec)} matches no image files (${filesIn(folder, names)} files ` +
-          `directly in ${pyRepr(folder || ".")})`,
+          `directly in ${pyRepr(folder || ".")})${hint}`,
       );
     }
   }
@@ -311,7 +357,7 @@ export function pairFiles(
           `${imagesArg} (${pyRepr(imagesSpec)}): ${listing(onlyMasks)}`,
       );
     }
-    throw new PairingError(both, problems.join("; "));
+    throw new PairingError(both, problems.join("; ") + toolHint(imagesSpec, annotationsSpec, names));
   }
   return natsorted([...images.keys()]).map((k) => ({
     image: images.get(k),

@@ -153,7 +153,9 @@ export class DataPanel {
     const problems = [];
     for (const [i, pair] of pairs.entries()) {
       status.textContent = `checking pair ${i + 1} of ${pairs.length}…`;
-      problems.push(...(await checkPair(pair, this.files.get(pair.image), this.files.get(pair.annotation))));
+      problems.push(
+        ...(await checkPair(pair, this.files.get(pair.image), this.files.get(pair.annotation), this.conn)),
+      );
     }
     status.textContent = "";
     if (problems.length) {

@@ -1,8 +1,9 @@
 // 3 · Segment: one image, a base model and a fine-tuned session side by side,
-// masks overlaid with their object counts, each downloadable as a TIFF.
+// masks overlaid with their object counts, each downloadable as a TIFF (made here) and
+// in the tools' formats (made by the service's convert_masks with their own writers).
 
 import { parseValue } from "../form.js";
-import { readImage, readLabels } from "../images.js";
+import { readByService, readImage, readLabels, readLabelsByService } from "../images.js";
 import { countObjects, drawOverlay, fromNdarray, imageToRgba, toNdarray } from "../overlay.js";
 import { encodeLabelTiff } from "../tiff.js";
 import { $, downloadLink, el, run } from "../ui.js";
@@ -28,9 +29,18 @@ export function readParams(params) {
   return out;
 }
 
+/** The part of a file name output names keep: all but the last suffix, as cellpose does. */
 function stem(name) {
-  return name.replace(/(\.ome)?\.[^.]+$/i, "");
+  return name.replace(/\.[^.]+$/, "");
 }
+
+// Formats convert_masks writes besides the TIFF: [format, button text, title].
+const TOOL_FORMATS = [
+  ["seg", "cellpose (_seg.npy)", "opens in the cellpose GUI, beside its image"],
+  ["png", "PNG (_cp_masks.png)", "16-bit label PNG, as cellpose saves it"],
+  ["rois", "Fiji ROIs (.zip)", "ImageJ ROI set: File > Open, or the ROI Manager"],
+  ["geojson", "QuPath (.geojson)", "File > Import objects from file, or drop on the image"],
+];
 
 export class SegmentPanel {
   constructor(app) {
@@ -81,7 +91,9 @@ export class SegmentPanel {
     results.replaceChildren();
     const maskFile = $("#seg-mask").files[0];
     if (maskFile) {
-      const truth = await readLabels(maskFile);
+      const truth = (await readByService(maskFile))
+        ? await readLabelsByService(this.conn, maskFile, maskFile.name, [image.height, image.width])
+        : await readLabels(maskFile);
       if (truth.width !== image.width || truth.height !== image.height) {
         throw new Error(`${maskFile.name}: ${truth.height}×${truth.width} differs from the image's ${image.height}×${image.width}`);
       }
@@ -102,8 +114,34 @@ export class SegmentPanel {
       const title = session ? `fine-tuned (session ${model})` : model;
       const fig = this.figure(rgba, data, title, `${stem(file.name)}_${model}_masks.tif`);
       fig.dataset.model = model;
+      // named for the image, so the cellpose GUI finds <stem>_seg.npy beside it
+      this.toolDownloads(fig, out[0].output, file.name);
       placeholder.replaceWith(fig);
     }
+  }
+
+  /** Buttons that fetch the masks in each tool's format from the service and save them. */
+  toolDownloads(fig, masks, imageName) {
+    const caption = fig.querySelector("figcaption");
+    const box = el("span", { class: "formats" });
+    for (const [format, text, title] of TOOL_FORMATS) {
+      const button = el("button", { class: "small", title, dataset: { format } }, text);
+      button.addEventListener("click", () =>
+        run(button, $("#seg-msg"), async () => {
+          const files = await this.conn.call("convert_masks", {
+            masks, image_name: imageName, formats: [format],
+          });
+          for (const [name, bytes] of Object.entries(files)) {
+            const link = downloadLink(bytes, name, name);
+            link.hidden = true;
+            box.append(link);
+            link.click();
+          }
+        }),
+      );
+      box.append(button);
+    }
+    caption.append(box);
   }
 
   figure(rgba, labels, title, filename) {
