@@ -128,6 +128,12 @@ async def _ensure_collection(server: Any, alias: str) -> None:
         )
 
 
+def _connection_user(server: Any) -> str | None:
+    """The user id a hypha-rpc connection acts as (from its connection info)."""
+    user = (getattr(server, "config", None) or {}).get("user") or {}
+    return str(user["id"]) if isinstance(user, dict) and user.get("id") else None
+
+
 async def start_service(
     server_url: str,
     token: str,
@@ -151,6 +157,7 @@ async def start_service(
     from hypha_rpc import connect_to_server
 
     from cellpose_finetuning.service.api import CellposeService, ServiceConfig
+    from cellpose_finetuning.service.auth import WorkspaceOwners
 
     admin = await connect_to_server({"server_url": server_url, "token": token})
     server = admin
@@ -163,6 +170,9 @@ async def start_service(
         ServiceConfig(data_dir=data_dir, **service_config),
         artifact_manager=am,
         server_url=server_url,
+        owners=WorkspaceOwners(
+            lookup=admin.get_workspace_info, service_user=_connection_user(admin)
+        ),
         **(executors or {}),
     )
     await service.start()

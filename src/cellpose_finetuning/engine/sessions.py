@@ -34,7 +34,7 @@ from pathlib import Path
 from typing import Any
 
 from cellpose_finetuning.engine.schemas import TERMINAL_STATES, TrainingSettings, TrainingStatus
-from cellpose_finetuning.errors import InvalidInput, NotFound
+from cellpose_finetuning.errors import InvalidInput, not_found_or_hidden
 
 __all__ = ["DataSpec", "Session", "SessionStore", "atomic_write_json", "new_session_id"]
 
@@ -312,10 +312,10 @@ class SessionStore:
         """
         path = self._path(session_id)
         if not (path / "status.json").is_file():
-            raise NotFound("training session", session_id)
+            raise not_found_or_hidden("training session", session_id)
         session = Session(path)
         if owner is not None and session.owner != owner:
-            raise NotFound("training session", session_id)
+            raise not_found_or_hidden("training session", session_id)
         return session
 
     def exists(self, session_id: str) -> bool:
