@@ -27,9 +27,11 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from cellpose_finetuning.deploy.stack import (
+    PRIVATE_UMASK,
     EmbeddedStack,
     StackConfig,
     StackError,
+    make_private,
     read_connection_file,
 )
 
@@ -213,8 +215,8 @@ async def serve(
     stop : asyncio.Event, optional
         Set it to shut down.
     """
-    data_dir = Path(options.data_dir).expanduser().resolve()
-    data_dir.mkdir(parents=True, exist_ok=True)
+    data_dir = make_private(Path(options.data_dir).expanduser().resolve())
+    old_umask = os.umask(PRIVATE_UMASK)  # sessions, cache, models: 0600 files, 0700 folders
     stop = stop or asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
@@ -231,6 +233,11 @@ async def serve(
             ray_options = options.ray or RayOptions()
             ray_options.max_concurrent_trainings = options.service_config.get(
                 "max_concurrent_trainings", ray_options.max_concurrent_trainings
+            )
+            # infer's fair gate admits as many calls as there are replicas to run them
+            options.service_config.setdefault(
+                "inference_concurrency",
+                max(ray_options.max_inference_replicas or 0, ray_options.inference_replicas),
             )
             ray_backend = RayBackend(ray_options)
             await asyncio.to_thread(ray_backend.start)
@@ -313,3 +320,4 @@ async def serve(
         for sig in (signal.SIGINT, signal.SIGTERM):
             with contextlib.suppress(Exception):
                 loop.remove_signal_handler(sig)
+        os.umask(old_umask)

@@ -232,6 +232,24 @@ class Session:
         """Whether a stop has been requested."""
         return self.stop_file.exists()
 
+    @property
+    def yield_file(self) -> Path:
+        """Written by the fair scheduler: pause after this epoch, continue later."""
+        return self.path / "yield"
+
+    def request_yield(self) -> None:
+        """Ask the worker to pause at the end of its epoch (it is queued again)."""
+        self.yield_file.touch()
+
+    def clear_yield(self) -> None:
+        """Forget a pause request."""
+        self.yield_file.unlink(missing_ok=True)
+
+    @property
+    def yield_requested(self) -> bool:
+        """Whether the scheduler asked the worker to pause."""
+        return self.yield_file.exists()
+
     def is_terminal(self) -> bool:
         """Whether the session is completed, failed or stopped."""
         return self.read_status().status_type in TERMINAL_STATES

@@ -35,7 +35,12 @@ from cellpose_finetuning.engine.inference import (
     ModelResolver,
     check_input_size,
 )
-from cellpose_finetuning.engine.queue import TrainingExecutor, TrainingQueue
+from cellpose_finetuning.engine.queue import (
+    FairGate,
+    SessionQueue,
+    TrainingExecutor,
+    TrainingQueue,
+)
 from cellpose_finetuning.engine.runs import (
     validate_settings,
     validation_error_message,
@@ -87,6 +92,18 @@ class ServiceConfig(BaseModel):
     worker_threads: int | None = Field(None, description="Torch threads per training worker.")
     inference_concurrency: int = Field(1, ge=1)
     device: str | None = None
+    max_sessions_per_user: int = Field(
+        100, ge=1, description="Sessions a user may keep (any state); delete old ones for more."
+    )
+    max_waiting_infers_per_user: int = Field(
+        8, ge=1, description="infer calls of one user that may wait for a slot."
+    )
+    training_time_slice_s: float | None = Field(
+        60.0,
+        ge=0,
+        description="Seconds a training keeps its slot before it pauses (after its epoch) "
+        "for another user's waiting session; None: never.",
+    )
 
     @property
     def sessions_dir(self) -> Path:
@@ -205,6 +222,11 @@ class CellposeService:
         )
         self.queue: TrainingExecutor = training or TrainingQueue(
             config.max_concurrent_trainings, config.worker_threads
+        )
+        if isinstance(self.queue, SessionQueue):  # local and Ray: fair between users
+            self.queue.time_slice_s = config.training_time_slice_s
+        self.infer_gate = FairGate(
+            config.inference_concurrency, config.max_waiting_infers_per_user, label="infer"
         )
         self.artifacts = (
             ArtifactFiles(artifact_manager, config.cache_dir) if artifact_manager else None
@@ -354,7 +376,8 @@ class CellposeService:
                 names.append(p)
         for img, name in zip(images, names, strict=True):
             check_input_size(img, settings.diameter, self.config.max_pixels, name=name)
-        masks = await self.inference.segment(ref, images, names, settings)
+        async with self.infer_gate.slot(caller.id):  # round robin between users
+            masks = await self.inference.segment(ref, images, names, settings)
         return [{"output": m} for m in masks]
 
     def _check_pixels(self, shape: tuple[int, ...], name: str) -> None:
@@ -413,11 +436,13 @@ class CellposeService:
         )
         base = self.resolver.resolve(settings.model, owner=caller.id)
         settings = settings.model_copy(update={"model": base.source})
-        active = [
-            s
-            for s in self.sessions.list(owner=caller.id)
-            if s.read_status().status_type not in TERMINAL_STATES
-        ]
+        kept = self.sessions.list(owner=caller.id)
+        if len(kept) >= self.config.max_sessions_per_user:
+            raise ResourceLimit(
+                f"you keep {len(kept)} training sessions (limit "
+                f"{self.config.max_sessions_per_user}); delete some with delete_training_session"
+            )
+        active = [s for s in kept if s.read_status().status_type not in TERMINAL_STATES]
         if len(active) >= self.config.max_active_sessions_per_user:
             raise ResourceLimit(
                 f"you already have {len(active)} active training sessions "
@@ -497,7 +522,7 @@ class CellposeService:
                 train=[(str(local[p.image]), str(local[p.annotation])) for p in train],
                 test=[(str(local[p.image]), str(local[p.annotation])) for p in test],
                 dataset_artifact_id=artifact_id,
-                source={**specs, "n_available": len(names)},
+                source={**specs, "n_available": len(names), "max_pixels": self.config.max_pixels},
             )
             atomic_write_json(session.path / "data.json", data.to_json())
             session.update_status(n_train=len(train), n_test=len(test))
