@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import re
+import stat
 from pathlib import Path
 
 import numpy as np
@@ -255,7 +256,7 @@ async def test_alices_private_models_are_listed_to_nobody_else(
 
 
 async def test_a_fake_model_added_to_the_public_collection_is_not_listed(
-    alice, mallory, running_stack
+    alice, mallory, anonymous, running_stack
 ):
     collection = f"{running_stack.service_id.split('/')[0]}/colab-annotations"
     dataset = f"{ALICE_WS}/official-data"
@@ -272,6 +273,10 @@ async def test_a_fake_model_added_to_the_public_collection_is_not_listed(
     _, a_svc = alice
     listed = await a_svc.list_models_by_dataset(dataset_id=dataset, collection=collection)
     assert [m["id"] for m in listed] == [f"{collection.split('/')[0]}/alice-official-v1"]
+    # anonymous callers may list what anyone may read, the same way
+    _, anon = anonymous
+    public = await anon.list_models_by_dataset(dataset_id=dataset, collection=collection)
+    assert public == listed
 
 
 # ---------------------------------------------------------------- finding 5: collections
@@ -330,3 +335,31 @@ async def test_errors_and_statuses_name_no_server_path(alice, running_stack, tmp
     status, _ = await follow_status(svc, started["session_id"])
     assert status["status_type"] == "failed"
     assert str(running_stack.data_dir) not in status["message"], status["message"]
+
+
+# ---------------------------------------------------------------- finding 8: the data dir
+async def test_nothing_in_the_data_dir_is_readable_by_other_local_users(alice, running_stack):
+    _, svc = alice
+    await svc.infer(model="tiny", input_arrays=[_image(0)])  # the service has written
+    root = running_stack.data_dir
+    assert root.stat().st_mode & 0o777 == 0o700
+    seen = {"cache": 0, "sessions": 0, "s3": 0, "hypha": 0}
+    open_files = []
+    for path in root.rglob("*"):
+        try:
+            mode = path.lstat().st_mode
+        except FileNotFoundError:  # a server removed it meanwhile
+            continue
+        if stat.S_ISLNK(mode):
+            continue
+        top = path.relative_to(root).parts[0]
+        if top in seen:
+            seen[top] += 1
+        if stat.S_ISDIR(mode):
+            assert mode & 0o077 == 0, f"folder {path} is {oct(mode)}"
+        elif mode & 0o077:
+            open_files.append(path.relative_to(root))
+    assert all(seen.values()), seen  # datasets, sessions, S3 volumes and the database checked
+    # SeaweedFS creates its volume files 0644 whatever the umask; they sit in 0700
+    # folders (asserted above), so no other local user can reach them either.
+    assert [p for p in open_files if p.parts[0] != "s3"] == []

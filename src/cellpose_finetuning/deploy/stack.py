@@ -882,7 +882,8 @@ class EmbeddedStack:
             "workspace": self.workspace,
         }
         try:
-            args = static_mount_args(prepare_site(self.data_dir / "web", config), extra_args)
+            site = make_private(prepare_site(self.data_dir / "web", config))
+            args = static_mount_args(site, extra_args)
         except (OSError, ValueError) as exc:
             log.warning("the web page is not served: %s", exc)
             return extra_args
