@@ -70,6 +70,7 @@ CASES = {
     "service": "bench_service",
     "ray": "bench_ray",
     "gpu": "bench_gpu",
+    "fairness": "bench_fairness",
 }
 
 
