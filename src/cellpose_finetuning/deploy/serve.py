@@ -131,9 +131,16 @@ async def _ensure_collection(server: Any, alias: str) -> None:
 
 
 def _connection_user(server: Any) -> str | None:
-    """The user id a hypha-rpc connection acts as (from its connection info)."""
+    """The user id that artifacts created through a connection carry as ``created_by``.
+
+    Hypha records the *effective* user: the parent of a child token
+    (``generate_token``, as BioEngine deployments use), else the user itself.
+    """
     user = (getattr(server, "config", None) or {}).get("user") or {}
-    return str(user["id"]) if isinstance(user, dict) and user.get("id") else None
+    if not isinstance(user, dict):
+        return None
+    uid = user.get("parent") or user.get("id")
+    return str(uid) if uid else None
 
 
 async def start_service(
