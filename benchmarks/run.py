@@ -71,6 +71,7 @@ CASES = {
     "ray": "bench_ray",
     "gpu": "bench_gpu",
     "export": "bench_export",
+    "fairness": "bench_fairness",
 }
 
 

@@ -878,6 +878,28 @@ def _stack_options(func: F) -> F:
     help="Most files a dataset listing may have.",
 )
 @click.option(
+    "--max-sessions-per-user",
+    type=int,
+    default=100,
+    show_default=True,
+    help="Training sessions a user may keep (any state).",
+)
+@click.option(
+    "--max-waiting-infers-per-user",
+    type=int,
+    default=8,
+    show_default=True,
+    help="infer calls of one user that may wait; more are refused.",
+)
+@click.option(
+    "--training-time-slice",
+    type=float,
+    default=60.0,
+    show_default=True,
+    help="Seconds a training keeps its slot before pausing (after its epoch) for another "
+    "user's waiting session; -1: never.",
+)
+@click.option(
     "--backend",
     type=click.Choice(["local", "ray"]),
     default="local",
@@ -934,6 +956,9 @@ def serve(
     max_epochs: int,
     max_pixels: int,
     max_files: int,
+    max_sessions_per_user: int,
+    max_waiting_infers_per_user: int,
+    training_time_slice: float,
     backend: str,
     ray_address: str | None,
     ray_num_cpus: int,
@@ -1004,6 +1029,9 @@ def serve(
             "max_epochs": max_epochs,
             "max_pixels": max_pixels,
             "max_files": max_files,
+            "max_sessions_per_user": max_sessions_per_user,
+            "max_waiting_infers_per_user": max_waiting_infers_per_user,
+            "training_time_slice_s": None if training_time_slice < 0 else training_time_slice,
         },
         backend=backend,
         ray=ray_options,

@@ -15,7 +15,12 @@ __all__ = [
     "InvalidInput",
     "NotFound",
     "ResourceLimit",
+    "not_found_or_hidden",
 ]
+
+#: The one hint shown for anything that is missing *or* not the caller's, so an
+#: answer never tells whether someone else's session, model or artifact exists.
+HIDDEN_HINT = "It does not exist, or you may not use it."
 
 
 class CellposeFinetuningError(Exception):
@@ -67,3 +72,22 @@ class Conflict(CellposeFinetuningError):
 
 class ResourceLimit(CellposeFinetuningError):
     """A configured limit (pixels, files, epochs, concurrent sessions) was exceeded."""
+
+
+def not_found_or_hidden(kind: str, name: str, hint: str = HIDDEN_HINT) -> NotFound:
+    """The error for "missing" and for "exists but not yours": one identical message.
+
+    Every place that refuses something the caller may not see (a training
+    session, a model, a dataset or collection artifact) raises this, so the
+    text is the same whether the thing exists or not.
+
+    Parameters
+    ----------
+    kind : str
+        What was asked for ("training session", "model", "artifact").
+    name : str
+        The name the caller gave.
+    hint : str
+        Extra text; must not depend on whether the thing exists.
+    """
+    return NotFound(kind, name, hint)

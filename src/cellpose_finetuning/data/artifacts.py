@@ -4,8 +4,15 @@ The artifact manager's ``list_files`` returns at most ``limit`` entries per
 call (1000 by default, which was the original service's file cap); we page
 with ``offset`` until a short page. Files are fetched through presigned S3
 URLs asked for in batches and downloaded concurrently with httpx into a
-cache keyed by artifact, version and path, so a second run on the same data
-downloads nothing.
+cache, so a second run on the same data downloads nothing.
+
+The cache is keyed by what identifies the *bytes*, never by a name someone
+else could reuse: the artifact's internal id (a UUID that a deleted and
+re-created alias does not get back), its version, the path, and the file's
+size and last-modified time as the store lists them (a cached file carries
+the store's time as its own mtime; any difference means "download again").
+So a dataset deleted and re-created under the same alias, a new version, or
+a file rewritten in place is never served from stale files.
 """
 
 from __future__ import annotations
@@ -15,6 +22,7 @@ import hashlib
 import os
 import re
 from collections.abc import Callable, Iterable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
@@ -22,7 +30,7 @@ from urllib.parse import urlparse
 from cellpose_finetuning.data.pairing import safe_relpath, spec_dir
 from cellpose_finetuning.errors import Forbidden, InvalidInput, NotFound
 
-__all__ = ["ArtifactFiles", "parse_artifact_id", "upload_files"]
+__all__ = ["ArtifactFiles", "FileInfo", "parse_artifact_id", "upload_files"]
 
 _ALIAS = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
 PAGE = 1000
@@ -62,6 +70,39 @@ def parse_artifact_id(artifact: str, arg: str = "artifact") -> str:
     return f"{workspace}/{alias}"
 
 
+@dataclass(frozen=True)
+class FileInfo:
+    """A file as the artifact store lists it: what the cache checks."""
+
+    size: int | None
+    last_modified: float | None
+
+    def matches(self, local: Path) -> bool:
+        """Whether ``local`` holds these bytes (same size, mtime set from the store)."""
+        if self.size is None or self.last_modified is None:
+            return False
+        try:
+            st = local.stat()
+        except OSError:
+            return False
+        return st.st_size == self.size and abs(st.st_mtime - self.last_modified) < 1e-3
+
+
+def artifact_uid(record: dict[str, Any]) -> str:
+    """The artifact's internal id (``_id``): never reused, unlike ``workspace/alias``."""
+    uid = str(record.get("_id") or "")
+    if not re.fullmatch(r"[0-9A-Za-z-]{8,64}", uid):
+        raise InvalidInput("artifact", f"{record.get('id')!r}: the store gave no usable id")
+    return uid
+
+
+def artifact_version(record: dict[str, Any]) -> str:
+    """The version the store serves by default: the last committed one, else ``stage``."""
+    versions = record.get("versions") or []
+    name = str((versions[-1] or {}).get("version", "")) if versions else "stage"
+    return name if _ALIAS.match(name) else "stage"
+
+
 def _map_error(exc: Exception, artifact_id: str) -> Exception:
     text = str(exc)
     if "does not exist" in text or "KeyError" in text or "not found" in text.lower():
@@ -90,6 +131,8 @@ class ArtifactFiles:
         self.am = artifact_manager
         self.cache_dir = Path(cache_dir)
         self.concurrency = concurrency
+        #: Who owns which workspace (``service.auth.WorkspaceOwners``), set by the service.
+        self.owners: Any = None
 
     async def read(self, artifact_id: str) -> dict[str, Any]:
         """The artifact's record (manifest, config, versions...)."""
@@ -99,18 +142,18 @@ class ArtifactFiles:
             raise _map_error(exc, artifact_id) from exc
         return dict(info)
 
-    async def list_dir(
+    async def list_entries(
         self, artifact_id: str, dir_path: str, *, version: str | None = None
-    ) -> list[str]:
-        """Paths of the files directly in ``dir_path`` (all pages).
+    ) -> dict[str, FileInfo]:
+        """Files directly in ``dir_path`` (all pages), with size and last-modified time.
 
         Returns
         -------
-        list of str
-            Paths relative to the artifact root.
+        dict
+            Path relative to the artifact root -> :class:`FileInfo`.
         """
         dir_path = dir_path.strip("/")
-        names: list[str] = []
+        entries: dict[str, FileInfo] = {}
         offset = 0
         while True:
             try:
@@ -125,19 +168,36 @@ class ArtifactFiles:
                 raise _map_error(exc, artifact_id) from exc
             for item in page:
                 if item.get("type", "file") == "file":
-                    names.append(f"{dir_path}/{item['name']}" if dir_path else item["name"])
+                    name = f"{dir_path}/{item['name']}" if dir_path else item["name"]
+                    size, modified = item.get("size"), item.get("last_modified")
+                    entries[name] = FileInfo(
+                        int(size) if size is not None else None,
+                        float(modified) if modified is not None else None,
+                    )
             if len(page) < PAGE:
-                return names
+                return entries
             offset += PAGE
+
+    async def list_dir(
+        self, artifact_id: str, dir_path: str, *, version: str | None = None
+    ) -> list[str]:
+        """Paths of the files directly in ``dir_path`` (all pages), relative to the root."""
+        return list(await self.list_entries(artifact_id, dir_path, version=version))
+
+    async def list_specs_info(
+        self, artifact_id: str, specs: Iterable[str], *, version: str | None = None
+    ) -> dict[str, FileInfo]:
+        """Every file in the folders the pairing specs refer to, with its :class:`FileInfo`."""
+        out: dict[str, FileInfo] = {}
+        for folder in dict.fromkeys(spec_dir(s) for s in specs):
+            out.update(await self.list_entries(artifact_id, folder, version=version))
+        return out
 
     async def list_specs(
         self, artifact_id: str, specs: Iterable[str], *, version: str | None = None
     ) -> list[str]:
         """All file names in the folders that the given pairing specs refer to."""
-        names: list[str] = []
-        for folder in dict.fromkeys(spec_dir(s) for s in specs):
-            names += await self.list_dir(artifact_id, folder, version=version)
-        return names
+        return list(await self.list_specs_info(artifact_id, specs, version=version))
 
     async def list_tree(self, artifact_id: str, dir_path: str, *, max_files: int) -> list[str]:
         """Paths of all files below ``dir_path``, sub-folders included (all pages).
@@ -197,20 +257,41 @@ class ArtifactFiles:
         os.replace(tmp, dest)
         return dest
 
-    def cache_path(self, artifact_id: str, version: str | None, path: str) -> Path:
-        """Local path of a cached file (version-keyed so new versions are re-fetched)."""
+    async def stat(
+        self, artifact_id: str, paths: Iterable[str], *, version: str | None = None
+    ) -> dict[str, FileInfo]:
+        """:class:`FileInfo` of each path, from listings of their folders.
+
+        Raises
+        ------
+        InvalidInput
+            Naming the first path that is not in the artifact.
+        """
+        paths = list(paths)
+        listed: dict[str, FileInfo] = {}
+        for folder in dict.fromkeys(p.rpartition("/")[0] for p in paths):
+            listed.update(await self.list_entries(artifact_id, folder, version=version))
+        for p in paths:
+            if p not in listed:
+                raise InvalidInput(p, "no such file in the artifact")
+        return {p: listed[p] for p in paths}
+
+    def cache_path(self, record: dict[str, Any], path: str) -> Path:
+        """Local path of a cached file: keyed by the artifact's internal id and version."""
         safe = safe_relpath(path, "path")
-        return self.cache_dir / artifact_id.replace("/", "__") / (version or "latest") / safe
+        return self.cache_dir / artifact_uid(record) / artifact_version(record) / safe
 
     async def download(
         self,
         artifact_id: str,
         paths: list[str],
         *,
+        record: dict[str, Any] | None = None,
+        files: dict[str, FileInfo] | None = None,
         version: str | None = None,
         progress: Callable[[int, int], Any] | None = None,
     ) -> dict[str, Path]:
-        """Download files (those not cached yet) and return their local paths.
+        """Download files (those not cached with the same identity) and return their local paths.
 
         Parameters
         ----------
@@ -218,15 +299,23 @@ class ArtifactFiles:
             ``workspace/alias``.
         paths : list of str
             Paths in the artifact.
+        record : dict, optional
+            The artifact's record (``read``); read here when not given.
+        files : dict, optional
+            :class:`FileInfo` of the paths (from a listing); listed here when not given.
         version : str, optional
-            Artifact version; the cache key includes it.
+            Artifact version to fetch.
         progress : callable, optional
             Called with (done, total) as files arrive.
         """
         import httpx
 
-        local = {p: self.cache_path(artifact_id, version, p) for p in paths}
-        todo = [p for p, dest in local.items() if not dest.is_file()]
+        if record is None:
+            record = await self.read(artifact_id)
+        if files is None or any(p not in files for p in paths):
+            files = {**(files or {}), **await self.stat(artifact_id, paths, version=version)}
+        local = {p: self.cache_path(record, p) for p in paths}
+        todo = [p for p, dest in local.items() if not files[p].matches(dest)]
         total, done = len(paths), len(paths) - len(todo)
         if progress:
             progress(done, total)
@@ -252,6 +341,9 @@ class ArtifactFiles:
                     with open(tmp, "wb") as fh:
                         async for chunk in resp.aiter_bytes(1 << 20):
                             fh.write(chunk)
+                info = files[path]
+                if info.last_modified is not None:
+                    os.utime(tmp, (info.last_modified, info.last_modified))
                 os.replace(tmp, dest)
                 done += 1
                 if progress:

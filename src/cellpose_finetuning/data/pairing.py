@@ -52,6 +52,8 @@ __all__ = [
 T = TypeVar("T")
 
 _SCHEME = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*:")
+#: Longest path or spec accepted (S3 keys end at 1024 bytes).
+MAX_PATH_CHARS = 1024
 _MAX_LISTED = 10
 _FORMS = (
     "a folder ending in '/' (e.g. 'images/train/') or a pattern with one '*' in the "
@@ -112,6 +114,10 @@ def safe_relpath(path: str, arg: str) -> str:
     """
     if not isinstance(path, str) or not path:
         raise InvalidInput(arg, "must be a non-empty path string")
+    if len(path) > MAX_PATH_CHARS:
+        raise InvalidInput(
+            arg, f"{path[:40]!r}... is {len(path)} characters, longer than {MAX_PATH_CHARS}"
+        )
     if "\x00" in path or "\\" in path:
         raise InvalidInput(
             arg, f"{path!r} contains a forbidden character (backslash or NUL); use '/'"

@@ -36,9 +36,11 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from cellpose_finetuning.deploy.stack import (
+    PRIVATE_UMASK,
     EmbeddedStack,
     StackConfig,
     StackError,
+    make_private,
     read_connection_file,
 )
 
@@ -151,6 +153,19 @@ async def _ensure_collection(server: Any, alias: str) -> None:
         )
 
 
+def _connection_user(server: Any) -> str | None:
+    """The user id that artifacts created through a connection carry as ``created_by``.
+
+    Hypha records the *effective* user: the parent of a child token
+    (``generate_token``, as BioEngine deployments use), else the user itself.
+    """
+    user = (getattr(server, "config", None) or {}).get("user") or {}
+    if not isinstance(user, dict):
+        return None
+    uid = user.get("parent") or user.get("id")
+    return str(uid) if uid else None
+
+
 async def start_service(
     server_url: str,
     token: str,
@@ -174,6 +189,7 @@ async def start_service(
     from hypha_rpc import connect_to_server
 
     from cellpose_finetuning.service.api import CellposeService, ServiceConfig
+    from cellpose_finetuning.service.auth import WorkspaceOwners
 
     admin = await connect_to_server({"server_url": server_url, "token": token})
     server = admin
@@ -186,6 +202,9 @@ async def start_service(
         ServiceConfig(data_dir=data_dir, **service_config),
         artifact_manager=am,
         server_url=server_url,
+        owners=WorkspaceOwners(
+            lookup=admin.get_workspace_info, service_user=_connection_user(admin)
+        ),
         **(executors or {}),
     )
     await service.start()
@@ -436,6 +455,11 @@ async def _start(
         ray_options.max_concurrent_trainings = options.service_config.get(
             "max_concurrent_trainings", ray_options.max_concurrent_trainings
         )
+        # infer's fair gate admits as many calls as there are replicas to run them
+        options.service_config.setdefault(
+            "inference_concurrency",
+            max(ray_options.max_inference_replicas or 0, ray_options.inference_replicas),
+        )
         state.ray_backend = RayBackend(ray_options, state_dir=data_dir)
         try:
             # Not in a short-lived thread: Ray's processes are killed when the
@@ -526,8 +550,8 @@ async def serve(
         second signal cut the shutdown short) and ``summary`` (the line
         printed at the end).
     """
-    data_dir = Path(options.data_dir).expanduser().resolve()
-    data_dir.mkdir(parents=True, exist_ok=True)
+    data_dir = make_private(Path(options.data_dir).expanduser().resolve())
+    old_umask = os.umask(PRIVATE_UMASK)  # sessions, cache, models: 0600 files, 0700 folders
     stop = stop or asyncio.Event()
     if interactive is None:
         interactive = sys.stdout.isatty()
@@ -592,4 +616,5 @@ async def serve(
                 f"cellpose-finetuning stopped {why}{up}, in {time.monotonic() - t0:.1f} s: {what}"
             )
             print(result["summary"], flush=True)
+        os.umask(old_umask)
     return result

@@ -47,6 +47,7 @@ import secrets
 import shutil
 import signal
 import socket
+import stat
 import subprocess
 import sys
 import threading
@@ -207,6 +208,29 @@ def mint_token(
     return jwt.encode(claims, secret, algorithm="HS256")
 
 
+#: Files the stack and the service create are readable by their user only.
+PRIVATE_UMASK = 0o077
+
+
+def make_private(data_dir: Path) -> Path:
+    """Create ``data_dir`` as 0700 and take group/other bits off everything in it.
+
+    S3 volumes, the Hypha database, cached datasets, sessions and logs hold
+    users' data and the stack's secrets; nobody else on the machine may read them.
+    """
+    data_dir = Path(data_dir)
+    data_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+    os.chmod(data_dir, 0o700)
+    for root, dirs, files in os.walk(data_dir):
+        for name in (*dirs, *files):
+            path = os.path.join(root, name)
+            with contextlib.suppress(OSError):
+                st = os.lstat(path)
+                if not stat.S_ISLNK(st.st_mode) and st.st_mode & 0o077:
+                    os.chmod(path, stat.S_IMODE(st.st_mode) & ~0o077)
+    return data_dir
+
+
 def _write_private(path: Path, text: str) -> None:
     """Write ``text`` to ``path`` atomically, readable by the owner only."""
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
@@ -250,10 +274,10 @@ def _pid_alive(pid: int) -> bool:
     except PermissionError:
         return True
     try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
+        proc_stat = Path(f"/proc/{pid}/stat").read_text()
     except OSError:
         return True  # no /proc: trust kill(0)
-    return stat.rsplit(")", 1)[-1].split()[0] != "Z"
+    return proc_stat.rsplit(")", 1)[-1].split()[0] != "Z"
 
 
 def _cmdline(pid: int) -> str:
@@ -586,7 +610,7 @@ class EmbeddedStack:
             self.stop()
         self.config.validate()
         self._aborted = False
-        self.data_dir.mkdir(parents=True, exist_ok=True)
+        make_private(self.data_dir)
         self._acquire_lock()
         atexit.register(self.stop)  # unregistered by stop()
         t0 = time.monotonic()
@@ -712,6 +736,7 @@ class EmbeddedStack:
                 start_new_session=True,  # own process group: one killpg stops it all
                 env=env,
                 cwd=cwd,
+                umask=PRIVATE_UMASK,  # S3 volumes, database: the user's alone
             )
         self._procs[name] = proc
         self._write_pids()
@@ -886,7 +911,8 @@ class EmbeddedStack:
             "workspace": self.workspace,
         }
         try:
-            args = static_mount_args(prepare_site(self.data_dir / "web", config), extra_args)
+            site = make_private(prepare_site(self.data_dir / "web", config))
+            args = static_mount_args(site, extra_args)
         except (OSError, ValueError) as exc:
             log.warning("the web page is not served: %s", exc)
             return extra_args

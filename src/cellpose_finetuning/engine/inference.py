@@ -34,7 +34,7 @@ from cellpose_finetuning.engine.models import (
 )
 from cellpose_finetuning.engine.schemas import InferenceSettings
 from cellpose_finetuning.engine.sessions import SessionStore
-from cellpose_finetuning.errors import InvalidInput, NotFound
+from cellpose_finetuning.errors import InvalidInput, NotFound, not_found_or_hidden
 
 if TYPE_CHECKING:
     from cellpose.models import CellposeModel
@@ -46,6 +46,7 @@ __all__ = [
     "ModelRef",
     "ModelResolver",
     "Segmentation",
+    "check_input_size",
     "segment",
     "segment_full",
     "segment_many",
@@ -140,9 +141,13 @@ class ModelResolver:
         elif "/" in model or "\\" in model or model.startswith("."):
             raise InvalidInput("model", f"{model!r}: model names may not contain paths")
         if self.sessions is not None and self.sessions.exists(model):
-            session = self.sessions.get(model, owner=owner)
-            return self._session_ref(session, model, checkpoint)
-        raise NotFound(
+            try:
+                session = self.sessions.get(model, owner=owner)
+            except NotFound:
+                session = None  # someone else's: answered exactly like a made-up name
+            if session is not None:
+                return self._session_ref(session, model, checkpoint)
+        raise not_found_or_hidden(
             "model",
             model,
             f"Available: {self.pretrained_names()} or the id of one of your training sessions.",
@@ -157,6 +162,61 @@ class ModelResolver:
                 "model", f"session {session.id!r} has no weights yet (it is {state})"
             )
         return ModelRef(name, str(weights), "session")
+
+
+#: Smallest side (Y and X), in pixels, before and after resizing by ``diameter``.
+MIN_SIDE = 16
+#: Cellpose-SAM's reference diameter: images are resized by ``DIAM_MEAN / diameter``.
+DIAM_MEAN = 30.0
+
+
+def check_input_size(
+    image: np.ndarray, diameter: float | None, max_pixels: int, *, name: str
+) -> None:
+    """Refuse an image that is too small, or too large once resized by ``diameter``.
+
+    Cellpose resizes the image by ``30 / diameter`` before the network, so a
+    small ``diameter`` can turn a 64x64 array into gigabytes; the limit
+    applies to the resized size.
+
+    Parameters
+    ----------
+    image : numpy.ndarray
+        Canonical (C, H, W) or (Z, C, H, W).
+    diameter : float, optional
+        The call's ``diameter`` (None: no resizing).
+    max_pixels : int
+        Largest number of values (all axes) after resizing.
+    name : str
+        How to name the image in errors.
+
+    Raises
+    ------
+    InvalidInput
+    """
+    height, width = image.shape[-2:]
+    if min(height, width) < MIN_SIDE:
+        raise InvalidInput(
+            name, f"image is {height}x{width} pixels; Y and X must be at least {MIN_SIDE}"
+        )
+    if not diameter:
+        return
+    scale = DIAM_MEAN / float(diameter)
+    new_h, new_w = round(height * scale), round(width * scale)
+    values = float(np.prod(image.shape[:-2], dtype="float64")) * new_h * new_w
+    if values > max_pixels:
+        raise InvalidInput(
+            "diameter",
+            f"{diameter:g} resizes {name} ({height}x{width}) by {scale:.3g} to {new_h}x{new_w}: "
+            f"{values:,.0f} values, more than the limit of {max_pixels:,}; give a larger "
+            "diameter or a smaller image",
+        )
+    if min(new_h, new_w) < MIN_SIDE:
+        raise InvalidInput(
+            "diameter",
+            f"{diameter:g} resizes {name} ({height}x{width}) to {new_h}x{new_w} pixels; "
+            f"Y and X must stay at least {MIN_SIDE}: give a smaller diameter",
+        )
 
 
 class ModelCache:

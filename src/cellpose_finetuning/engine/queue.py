@@ -1,16 +1,30 @@
-"""A queue of training sessions run by worker processes, a few at a time.
+"""A fair queue of training sessions run by worker processes, a few at a time.
 
 Sessions wait as ``waiting`` with their queue position in the status message;
 at most ``max_concurrent`` workers run at once. The queue is the local
 executor; the Ray backend swaps it for Ray tasks while the API stays the same.
+
+Fairness between users (owners of sessions):
+
+* **Round robin.** A free slot goes to the waiting session of the owner with
+  the fewest running sessions, ties broken by who was served longest ago; an
+  owner's own sessions run in the order they were submitted.
+* **Time slicing.** When an owner waits with fewer running sessions than
+  another owner has, and one of that owner's runs has held its slot for at
+  least ``time_slice_s``, the run is asked to pause at the end of its current
+  epoch (its weights and optimizer state are saved); it is queued again and
+  continues from there automatically. So a user flooding the queue with long
+  runs delays another user's run by at most one epoch once the slice is used.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 import logging
-from collections import deque
+import time
+from collections import Counter, deque
 from typing import Any, Protocol
 
 from cellpose_finetuning.engine.schemas import TERMINAL_STATES
@@ -18,7 +32,7 @@ from cellpose_finetuning.engine.sessions import Session
 from cellpose_finetuning.engine.training import TrainingWorker, start_worker
 from cellpose_finetuning.errors import ResourceLimit
 
-__all__ = ["SessionQueue", "TrainingExecutor", "TrainingQueue"]
+__all__ = ["FairGate", "SessionQueue", "TrainingExecutor", "TrainingQueue"]
 
 log = logging.getLogger(__name__)
 
@@ -72,17 +86,30 @@ class SessionQueue:
         Sessions that may wait; ``submit`` refuses more (no limit by default).
     label : str
         How the status messages name the queue.
+    time_slice_s : float, optional
+        Seconds a run keeps its slot before it pauses (at the end of an
+        epoch) for another owner's waiting session; ``None``: never.
     """
 
     def __init__(
-        self, max_concurrent: int = 1, max_queued: int | None = None, label: str = "training queue"
+        self,
+        max_concurrent: int = 1,
+        max_queued: int | None = None,
+        label: str = "training queue",
+        *,
+        time_slice_s: float | None = None,
     ) -> None:
         self.max_concurrent = max_concurrent
         self.max_queued = max_queued
         self.label = label
+        self.time_slice_s = time_slice_s
         self.run_name = "training run"
         self._pending: deque[tuple[Session, bool]] = deque()
         self._running: dict[str, Session] = {}
+        self._started: dict[str, float] = {}
+        self._yielding: set[str] = set()
+        self._last_turn: dict[str, int] = {}
+        self._turns = itertools.count()
         self._watchers: dict[str, asyncio.Task[None]] = {}
         self._wakeup = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
@@ -166,22 +193,113 @@ class SessionQueue:
         """Ids of running sessions."""
         return list(self._running)
 
+    # ------------------------------------------------------------------ fairness
+    @staticmethod
+    def _owner(session: Session) -> str:
+        return str(session.owner or "")
+
+    def _running_per_owner(self) -> Counter[str]:
+        return Counter(self._owner(s) for s in self._running.values())
+
+    def _next_index(
+        self,
+        pending: list[tuple[Session, bool]] | deque[tuple[Session, bool]],
+        running: Counter[str],
+        last_turn: dict[str, int],
+    ) -> int:
+        """Index in ``pending`` of the session to start next (round robin by owner)."""
+        best, best_key = 0, None
+        seen: set[str] = set()
+        for i, (session, _) in enumerate(pending):
+            owner = self._owner(session)
+            if owner in seen:
+                continue  # an owner's sessions run in submission order
+            seen.add(owner)
+            key = (running[owner], last_turn.get(owner, -1), i)
+            if best_key is None or key < best_key:
+                best, best_key = i, key
+        return best
+
+    def order(self) -> list[str]:
+        """Ids of the waiting sessions in the order they would start."""
+        pending = list(self._pending)
+        running, last_turn = self._running_per_owner(), dict(self._last_turn)
+        out: list[str] = []
+        for turn in itertools.count(10**9):
+            if not pending:
+                break
+            session, _ = pending.pop(self._next_index(pending, running, last_turn))
+            running[self._owner(session)] += 1
+            last_turn[self._owner(session)] = turn
+            out.append(session.id)
+        return out
+
+    def _preempt(self) -> None:
+        """Ask runs to pause for owners that wait with fewer running sessions."""
+        if self.time_slice_s is None or not self._pending:
+            return
+        running = self._running_per_owner()
+        for sid in self._yielding:  # those slots are being given back already
+            if sid in self._running:
+                running[self._owner(self._running[sid])] -= 1
+        now = time.monotonic()
+        candidates = [
+            sid
+            for sid in self._running
+            if sid not in self._yielding and now - self._started.get(sid, now) >= self.time_slice_s
+        ]
+        free = self.max_concurrent - (len(self._running) - len(self._yielding))
+        waiting = sorted(
+            {self._owner(s) for s, _ in self._pending},
+            key=lambda o: (running[o], self._last_turn.get(o, -1)),
+        )
+        for owner in waiting:
+            if free > 0:  # a slot is (about to be) free for this owner anyway
+                free -= 1
+                running[owner] += 1
+                continue
+            if not candidates:
+                return
+            sid = max(
+                candidates,
+                key=lambda c: (running[self._owner(self._running[c])], -self._started[c]),
+            )
+            victim_owner = self._owner(self._running[sid])
+            if running[victim_owner] <= running[owner]:
+                continue
+            self._yielding.add(sid)
+            self._running[sid].request_yield()
+            log.info("asked %s to pause at the end of its epoch for %s", sid, owner)
+            candidates.remove(sid)
+            running[victim_owner] -= 1
+            running[owner] += 1
+
     # ------------------------------------------------------------------ internals
     def _update_positions(self) -> None:
-        for pos, (session, _) in enumerate(self._pending, start=1):
+        order = {sid: pos for pos, sid in enumerate(self.order(), start=1)}
+        for session, _ in self._pending:
             with contextlib.suppress(Exception):
                 session.update_status(
                     status_type="waiting",
-                    message=f"Waiting in the {self.label}: position {pos} "
+                    message=f"Waiting in the {self.label}: position {order.get(session.id)} "
                     f"({len(self._running)} running)",
                 )
 
     async def _dispatch(self) -> None:
         while True:
-            await self._wakeup.wait()
+            if self.time_slice_s is not None and self._pending and self._running:
+                # a run's slice may end without any event: look again in a second
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._wakeup.wait(), timeout=1.0)
+            else:
+                await self._wakeup.wait()
             self._wakeup.clear()
+            self._preempt()
             while self._pending and len(self._running) < self.max_concurrent:
-                session, resume = self._pending.popleft()
+                i = self._next_index(self._pending, self._running_per_owner(), self._last_turn)
+                session, resume = self._pending[i]
+                del self._pending[i]
+                self._last_turn[self._owner(session)] = next(self._turns)
                 try:
                     handle = self._launch(session, resume)
                 except Exception as exc:  # never let one session stop the queue
@@ -189,6 +307,7 @@ class SessionQueue:
                     session.update_status(status_type="failed", message=f"Could not start: {exc}")
                     continue
                 self._running[session.id] = session
+                self._started[session.id] = time.monotonic()
                 self._watchers[session.id] = asyncio.get_running_loop().create_task(
                     self._watch(session, handle)
                 )
@@ -202,8 +321,119 @@ class SessionQueue:
         finally:
             self._running.pop(session.id, None)
             self._watchers.pop(session.id, None)
+            self._started.pop(session.id, None)
+            if session.id in self._yielding:
+                self._yielding.discard(session.id)
+                session.clear_yield()
+                with contextlib.suppress(Exception):
+                    if session.read_status(reconcile=False).status_type == "waiting":
+                        # paused: first among its owner's sessions, after other owners'
+                        self._pending.appendleft((session, True))
             self._update_positions()
             self._wakeup.set()
+
+
+class FairGate:
+    """At most ``slots`` calls at once; waiting calls are served fairly between users.
+
+    A freed slot goes to the waiting call of the user with the fewest calls
+    running, ties broken by who was served longest ago, so one user's burst of
+    large calls delays another user's call by at most the one running when it
+    arrived (with one slot). Each user may have ``max_waiting_per_user`` calls
+    waiting; more are refused at once.
+
+    Parameters
+    ----------
+    slots : int
+        Calls running at once.
+    max_waiting_per_user : int, optional
+        Calls one user may have waiting (no limit by default).
+    label : str
+        How errors name what is limited.
+    """
+
+    def __init__(
+        self, slots: int = 1, max_waiting_per_user: int | None = None, label: str = "infer"
+    ) -> None:
+        self.slots = slots
+        self.max_waiting_per_user = max_waiting_per_user
+        self.label = label
+        self._active: Counter[str] = Counter()
+        self._waiters: dict[str, deque[asyncio.Future[None]]] = {}
+        self._last_served: dict[str, int] = {}
+        self._turns = itertools.count()
+
+    @property
+    def active(self) -> int:
+        """Calls running now."""
+        return sum(self._active.values())
+
+    def waiting(self, user: str | None = None) -> int:
+        """Calls waiting (of ``user``, or of everyone)."""
+        if user is not None:
+            return len(self._waiters.get(user, ()))
+        return sum(len(q) for q in self._waiters.values())
+
+    def _take(self, user: str) -> None:
+        self._active[user] += 1
+        self._last_served[user] = next(self._turns)
+
+    def _grant(self) -> None:
+        while self.active < self.slots and self._waiters:
+            user = min(self._waiters, key=lambda u: (self._active[u], self._last_served.get(u, -1)))
+            queue = self._waiters[user]
+            fut = queue.popleft()
+            if not queue:
+                del self._waiters[user]
+            if fut.done():  # cancelled while waiting
+                continue
+            self._take(user)
+            fut.set_result(None)
+
+    def _release(self, user: str) -> None:
+        self._active[user] -= 1
+        if self._active[user] <= 0:
+            del self._active[user]
+        self._grant()
+
+    @contextlib.asynccontextmanager
+    async def slot(self, user: str) -> Any:
+        """Wait for a slot for ``user``'s call; hold it inside the ``async with``.
+
+        Raises
+        ------
+        ResourceLimit
+            When ``user`` already has ``max_waiting_per_user`` calls waiting.
+        """
+        if self.active < self.slots and not self._waiters:
+            self._take(user)
+        else:
+            queue = self._waiters.get(user)
+            limit = self.max_waiting_per_user
+            if limit is not None and queue is not None and len(queue) >= limit:
+                raise ResourceLimit(
+                    f"{self.label}: you already have {len(queue)} calls waiting "
+                    f"(limit {limit}); wait for them to finish"
+                )
+            fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+            self._waiters.setdefault(user, deque()).append(fut)
+            try:
+                await fut
+            except asyncio.CancelledError:
+                if fut.done() and not fut.cancelled():
+                    self._release(user)  # granted just as we were cancelled
+                else:
+                    fut.cancel()
+                    queue = self._waiters.get(user)
+                    if queue is not None and fut in queue:
+                        queue.remove(fut)
+                        if not queue:
+                            del self._waiters[user]
+                raise
+        try:
+            yield
+        finally:
+            self._release(user)
 
 
 class TrainingQueue(SessionQueue):

@@ -34,7 +34,7 @@ from pathlib import Path
 from typing import Any
 
 from cellpose_finetuning.engine.schemas import TERMINAL_STATES, TrainingSettings, TrainingStatus
-from cellpose_finetuning.errors import InvalidInput, NotFound
+from cellpose_finetuning.errors import InvalidInput, not_found_or_hidden
 
 __all__ = ["DataSpec", "Session", "SessionStore", "atomic_write_json", "new_session_id"]
 
@@ -232,6 +232,24 @@ class Session:
         """Whether a stop has been requested."""
         return self.stop_file.exists()
 
+    @property
+    def yield_file(self) -> Path:
+        """Written by the fair scheduler: pause after this epoch, continue later."""
+        return self.path / "yield"
+
+    def request_yield(self) -> None:
+        """Ask the worker to pause at the end of its epoch (it is queued again)."""
+        self.yield_file.touch()
+
+    def clear_yield(self) -> None:
+        """Forget a pause request."""
+        self.yield_file.unlink(missing_ok=True)
+
+    @property
+    def yield_requested(self) -> bool:
+        """Whether the scheduler asked the worker to pause."""
+        return self.yield_file.exists()
+
     def is_terminal(self) -> bool:
         """Whether the session is completed, failed or stopped."""
         return self.read_status().status_type in TERMINAL_STATES
@@ -313,10 +331,10 @@ class SessionStore:
         """
         path = self._path(session_id)
         if not (path / "status.json").is_file():
-            raise NotFound("training session", session_id)
+            raise not_found_or_hidden("training session", session_id)
         session = Session(path)
         if owner is not None and session.owner != owner:
-            raise NotFound("training session", session_id)
+            raise not_found_or_hidden("training session", session_id)
         return session
 
     def exists(self, session_id: str) -> bool:

@@ -139,22 +139,31 @@ class _Prepared:
 
 
 def _load_pairs(
-    pairs: list[tuple[str, str]], role: str, *, clahe: bool = False
+    pairs: list[tuple[str, str]],
+    role: str,
+    max_pixels: int | None = None,
+    *,
+    clahe: bool = False,
 ) -> list[tuple[np.ndarray, np.ndarray]]:
-    """Read image/mask pairs as (C,H,W) float images and (H,W) labels."""
+    """Read image/mask pairs as (C,H,W) float images and (H,W) labels.
+
+    ``max_pixels`` (the service's limit, from ``DataSpec.source``) refuses a
+    file from its header before its pixels are read; ``clahe`` equalises each
+    image (``enable_clahe``).
+    """
     from cellpose_finetuning.engine.preprocess import apply_clahe
     from cellpose_finetuning.io.images import read_image, read_mask
 
     out = []
     for img_path, mask_path in pairs:
-        img = read_image(img_path)
+        img = read_image(img_path, max_pixels=max_pixels)
         if clahe and img.ndim == 3:
             img = apply_clahe(img)
         if img.ndim != 3:
             raise InvalidInput(
                 img_path, f"{role} images must be 2D (got a stack of shape {img.shape})"
             )
-        mask = read_mask(mask_path, expected_shape=tuple(img.shape[-2:]))
+        mask = read_mask(mask_path, expected_shape=tuple(img.shape[-2:]), max_pixels=max_pixels)
         out.append((img, mask))
     return out
 
@@ -162,8 +171,10 @@ def _load_pairs(
 def _prepare(session: Session, settings: TrainingSettings, device: torch.device) -> _Prepared:
     data = session.data
     return _prepare_arrays(
-        _load_pairs(data.train, "training", clahe=settings.enable_clahe),
-        _load_pairs(data.test, "test", clahe=settings.enable_clahe),
+        _load_pairs(
+            data.train, "training", data.source.get("max_pixels"), clahe=settings.enable_clahe
+        ),
+        _load_pairs(data.test, "test", data.source.get("max_pixels"), clahe=settings.enable_clahe),
         [m for _, m in data.train],
         settings,
         device,
@@ -502,6 +513,22 @@ def run_training(session: Session, *, resume: bool = False) -> TrainingStatus:
                 )
             )
             log.info("%s (lr %.3g)", msg, lr)
+            if session.yield_requested and done < total_epochs:
+                # The fair scheduler wants this slot for another user's session:
+                # keep everything and wait to be continued (it queues us again).
+                save_last()
+                session.clear_yield()
+                status = session.write_status(
+                    status.model_copy(
+                        update={
+                            "status_type": "waiting",
+                            "message": f"Paused after epoch {done}/{total_epochs} to let "
+                            "another user's session train; it continues automatically",
+                            "worker_pid": None,
+                        }
+                    )
+                )
+                return status
     except StopRequested:
         save_last()
         session.clear_stop()
@@ -521,6 +548,7 @@ def run_training(session: Session, *, resume: bool = False) -> TrainingStatus:
         return status
 
     save_last()
+    session.clear_yield()
     if prep.raw_test:
         status = session.write_status(
             status.model_copy(update={"message": "Computing instance metrics on the test set"})

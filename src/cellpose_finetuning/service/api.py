@@ -46,8 +46,14 @@ from cellpose_finetuning.engine.inference import (
     ModelRef,
     ModelResolver,
     Segmentation,
+    check_input_size,
 )
-from cellpose_finetuning.engine.queue import TrainingExecutor, TrainingQueue
+from cellpose_finetuning.engine.queue import (
+    FairGate,
+    SessionQueue,
+    TrainingExecutor,
+    TrainingQueue,
+)
 from cellpose_finetuning.engine.runs import (
     validate_settings,
     validation_error_message,
@@ -73,7 +79,14 @@ from cellpose_finetuning.errors import (
     ResourceLimit,
 )
 from cellpose_finetuning.io.images import read_image, to_canonical
-from cellpose_finetuning.service.auth import Caller, caller_from_context, can_read
+from cellpose_finetuning.service.auth import (
+    Caller,
+    WorkspaceOwners,
+    caller_from_context,
+    can_read,
+    readable_artifact,
+    writable_collection,
+)
 from cellpose_finetuning.service.payloads import (
     MODEL_NAME,
     default_model_name,
@@ -104,6 +117,18 @@ class ServiceConfig(BaseModel):
     worker_threads: int | None = Field(None, description="Torch threads per training worker.")
     inference_concurrency: int = Field(1, ge=1)
     device: str | None = None
+    max_sessions_per_user: int = Field(
+        100, ge=1, description="Sessions a user may keep (any state); delete old ones for more."
+    )
+    max_waiting_infers_per_user: int = Field(
+        8, ge=1, description="infer calls of one user that may wait for a slot."
+    )
+    training_time_slice_s: float | None = Field(
+        60.0,
+        ge=0,
+        description="Seconds a training keeps its slot before it pauses (after its epoch) "
+        "for another user's waiting session; None: never.",
+    )
 
     @property
     def sessions_dir(self) -> Path:
@@ -138,6 +163,18 @@ def _public_error(exc: Exception) -> Exception:
     return RuntimeError(f"internal error ({type(exc).__name__}); the service keeps running")
 
 
+def scrub_paths(text: str, data_dir: Path) -> str:
+    """Take the server's own paths out of a message for a remote caller.
+
+    A cached dataset file (``<data-dir>/cache/<id>/<version>/<path>``) is
+    named by its path in the dataset; anything else under the data directory
+    by ``<data-dir>/...``.
+    """
+    root = re.escape(str(data_dir))
+    text = re.sub(root + r"/cache/[^/\s'\"]+/[^/\s'\"]+/", "", text)
+    return re.sub(root, "<data-dir>", text)
+
+
 def api_method(func: F) -> F:
     """Wrap a service method: kwargs given as one dict, and clear errors."""
 
@@ -152,9 +189,10 @@ def api_method(func: F) -> F:
         except TypeError as exc:
             if "argument" in str(exc):
                 raise ValueError(f"{func.__name__}: {exc}") from None
-            raise _public_error(exc) from None
+            err = _public_error(exc)
         except Exception as exc:
-            raise _public_error(exc) from None
+            err = _public_error(exc)
+        raise type(err)(scrub_paths(str(err), self.config.data_dir)) from None
 
     wrapper.__is_api__ = True  # type: ignore[attr-defined]
     return wrapper  # type: ignore[return-value]
@@ -164,6 +202,8 @@ def _status_dict(session: Session, status: Any = None) -> dict[str, Any]:
     st = status or session.read_status()
     out = public_status(st, owner=session.owner)
     out["session_id"] = session.id
+    if out.get("message"):
+        out["message"] = scrub_paths(out["message"], session.path.parents[1])
     return out
 
 
@@ -216,6 +256,7 @@ class CellposeService:
         *,
         inference: InferenceExecutor | None = None,
         training: TrainingExecutor | None = None,
+        owners: WorkspaceOwners | None = None,
     ) -> None:
         self.config = config
         for folder in (config.sessions_dir, config.models_dir, config.cache_dir):
@@ -228,9 +269,18 @@ class CellposeService:
         self.queue: TrainingExecutor = training or TrainingQueue(
             config.max_concurrent_trainings, config.worker_threads
         )
+        if isinstance(self.queue, SessionQueue):  # local and Ray: fair between users
+            self.queue.time_slice_s = config.training_time_slice_s
+        self.infer_gate = FairGate(
+            config.inference_concurrency, config.max_waiting_infers_per_user, label="infer"
+        )
         self.artifacts = (
             ArtifactFiles(artifact_manager, config.cache_dir) if artifact_manager else None
         )
+        #: Whose artifacts are trusted in which workspace (see service/auth.py).
+        self.owners = owners or WorkspaceOwners()
+        if self.artifacts is not None:
+            self.artifacts.owners = self.owners
         self.server_url = server_url.rstrip("/")
         self._prepare_tasks: dict[str, asyncio.Task[None]] = {}
 
@@ -269,36 +319,13 @@ class CellposeService:
         caller.require_login("training sessions")
         return self.sessions.get(session_id, owner=caller.id)
 
-    async def _readable_artifact(self, artifact: str, caller: Caller, arg: str = "artifact") -> str:
-        await self._readable_record(artifact, caller, arg)
-        return parse_artifact_id(artifact, arg)
-
-    async def _readable_record(
-        self, artifact: str, caller: Caller, arg: str = "artifact"
-    ) -> dict[str, Any]:
-        artifact_id = parse_artifact_id(artifact, arg)
-        if self.artifacts is None:
-            raise InvalidInput(arg, "this service has no artifact store")
-        record = await self.artifacts.read(artifact_id)
-        parent = None
-        if record.get("parent_id"):
-            try:
-                parent = await self.artifacts.read(record["parent_id"])
-            except CellposeFinetuningError:
-                parent = None
-        if not can_read(caller, record, parent):
-            # Do not reveal whether it exists.
-            raise NotFound(
-                "artifact" if arg == "artifact" else f"{arg}: artifact",
-                artifact_id,
-                "Or you may not read it.",
-            )
-        return record
+    async def _readable_artifact(self, artifact: str, caller: Caller) -> str:
+        return (await readable_artifact(self.artifacts, artifact, caller))["id"]
 
     async def _published_model(self, model: str, caller: Caller) -> ModelRef:
         """A model exported to an artifact, downloaded once per artifact version."""
-        record = await self._readable_record(model, caller, "model")
-        artifact_id = parse_artifact_id(model, "model")
+        record = await readable_artifact(self.artifacts, model, caller, arg="model", kind="model")
+        artifact_id = record["id"]
         if record.get("type") != "model":
             raise InvalidInput(
                 "model",
@@ -439,13 +466,16 @@ class CellposeService:
                     f"image_paths: at most {self.config.max_images_per_call} per call"
                 )
             paths = [safe_relpath(p, f"image_paths[{i}]") for i, p in enumerate(image_paths)]
-            artifact_id = await self._readable_artifact(artifact, caller)
+            record = await readable_artifact(self.artifacts, artifact, caller)
             assert self.artifacts is not None
-            local = await self.artifacts.download(artifact_id, paths)
+            local = await self.artifacts.download(record["id"], paths, record=record)
             for p in paths:
                 images.append(read_image(local[p], max_pixels=self.config.max_pixels))
                 names.append(p)
-        results = await self.inference.segment(ref, images, names, settings)
+        for img, name in zip(images, names, strict=True):
+            check_input_size(img, settings.diameter, self.config.max_pixels, name=name)
+        async with self.infer_gate.slot(caller.id):  # round robin between users
+            results = await self.inference.segment(ref, images, names, settings)
         return [
             self._result_item(name, result, settings, bool(json_safe))
             for name, result in zip(names, results, strict=True)
@@ -657,17 +687,20 @@ class CellposeService:
         )
         base = await self._resolve_model(settings.model, caller)
         settings = settings.model_copy(update={"model": base.source})
-        active = [
-            s
-            for s in self.sessions.list(owner=caller.id)
-            if s.read_status().status_type not in TERMINAL_STATES
-        ]
+        kept = self.sessions.list(owner=caller.id)
+        if len(kept) >= self.config.max_sessions_per_user:
+            raise ResourceLimit(
+                f"you keep {len(kept)} training sessions (limit "
+                f"{self.config.max_sessions_per_user}); delete some with delete_training_session"
+            )
+        active = [s for s in kept if s.read_status().status_type not in TERMINAL_STATES]
         if len(active) >= self.config.max_active_sessions_per_user:
             raise ResourceLimit(
                 f"you already have {len(active)} active training sessions "
                 f"(limit {self.config.max_active_sessions_per_user}); stop one first"
             )
-        artifact_id = await self._readable_artifact(artifact, caller)
+        record = await readable_artifact(self.artifacts, artifact, caller)
+        artifact_id = record["id"]
         session = self.sessions.create(
             settings,
             DataSpec(train=[], dataset_artifact_id=artifact_id, source=specs),
@@ -676,12 +709,20 @@ class CellposeService:
             label=label,
         )
         session.update_status(status_type="preparing", model=model)
-        task = asyncio.get_running_loop().create_task(self._prepare(session, artifact_id, specs))
+        task = asyncio.get_running_loop().create_task(
+            self._prepare(session, artifact_id, specs, record)
+        )
         self._prepare_tasks[session.id] = task
         task.add_done_callback(lambda _t: self._prepare_tasks.pop(session.id, None))
         return _status_dict(session)
 
-    async def _prepare(self, session: Session, artifact_id: str, specs: dict[str, str]) -> None:
+    async def _prepare(
+        self,
+        session: Session,
+        artifact_id: str,
+        specs: dict[str, str],
+        record: dict[str, Any] | None = None,
+    ) -> None:
         """List, pair and download the data, then queue the session."""
         assert self.artifacts is not None
         try:
@@ -697,12 +738,14 @@ class CellposeService:
                         f"({len(train)} training pairs, {len(test)} test pairs)"
                     )
 
-            local = await self.artifacts.download(artifact_id, wanted, progress=progress)
+            local = await self.artifacts.download(
+                artifact_id, wanted, record=record, progress=progress
+            )
             data = DataSpec(
                 train=[(str(local[p.image]), str(local[p.annotation])) for p in train],
                 test=[(str(local[p.image]), str(local[p.annotation])) for p in test],
                 dataset_artifact_id=artifact_id,
-                source={**specs, "n_available": n_listed},
+                source={**specs, "n_available": n_listed, "max_pixels": self.config.max_pixels},
             )
             atomic_write_json(session.path / "data.json", data.to_json())
             session.update_status(n_train=len(train), n_test=len(test))
@@ -931,15 +974,6 @@ class CellposeService:
         return info
 
     # ------------------------------------------------------------------ export
-    async def _collection(self, collection: str, arg: str = "collection") -> dict[str, Any]:
-        collection_id = parse_artifact_id(collection, arg)
-        if self.artifacts is None:
-            raise InvalidInput(arg, "this service has no artifact store")
-        record = await self.artifacts.read(collection_id)
-        if record.get("type") != "collection":
-            raise InvalidInput(arg, f"{collection_id!r} is not a collection")
-        return record
-
     @api_method
     async def export_model(
         self,
@@ -969,7 +1003,6 @@ class CellposeService:
 
         from cellpose_finetuning.errors import Conflict
         from cellpose_finetuning.export.bioimageio import build_package
-        from cellpose_finetuning.service.auth import can_write_children
 
         caller = caller_from_context(context)
         session = self._session(session_id, caller)
@@ -999,9 +1032,7 @@ class CellposeService:
             raise InvalidInput(
                 "model_name", f"use 3-63 lowercase letters, digits and hyphens (got {model_name!r})"
             )
-        record = await self._collection(collection)
-        if not can_write_children(caller, record):
-            raise Forbidden(f"collection {collection!r}: you may not add models to it")
+        record = await writable_collection(self.artifacts, collection, caller)
         workspace = record["workspace"]
         alias_id = f"{workspace}/{model_name}"
         try:
@@ -1061,9 +1092,17 @@ class CellposeService:
     async def list_models_by_dataset(
         self, dataset_id: str, collection: str = DEFAULT_COLLECTION, context: Any = None
     ) -> list[dict[str, Any]]:
-        """Models in a collection trained on a dataset: id, name, created_at, url; newest first."""
+        """Models in a collection trained on a dataset: id, name, created_at, url; newest first.
+
+        Only models this service exported and the caller may read are listed.
+        """
+        caller = caller_from_context(context)
         dataset_id = parse_artifact_id(dataset_id, "dataset_id")
-        record = await self._collection(collection)
+        record = await readable_artifact(
+            self.artifacts, collection, caller, arg="collection", kind="collection"
+        )
+        if record.get("type") != "collection":
+            raise InvalidInput("collection", f"{record['id']!r} is not a collection")
         am = self.artifacts.am  # type: ignore[union-attr]
         out, offset, page = [], 0, 1000
         while True:
@@ -1076,6 +1115,9 @@ class CellposeService:
             )
             items = list(items)
             for item in items:
+                item = dict(item)
+                if not self._listable_model(item, record, caller):
+                    continue
                 alias = item.get("alias") or item["id"].split("/")[-1]
                 out.append(
                     {
@@ -1090,6 +1132,15 @@ class CellposeService:
             offset += page
         out.sort(key=lambda m: m["created_at"] or 0, reverse=True)
         return out
+
+    def _listable_model(
+        self, item: dict[str, Any], collection: dict[str, Any], caller: Caller
+    ) -> bool:
+        """A model this service exported (``created_by``) that the caller may read."""
+        service_user = self.owners.service_user
+        if service_user is not None and item.get("created_by") != service_user:
+            return False  # anyone with "@": "r+" could have added it
+        return can_read(caller, item, collection)
 
     # ------------------------------------------------------------------ annotation files
     @api_method

@@ -10,19 +10,47 @@ workspace, then ``config.permissions`` entries for the caller's id or e-mail,
 ``@`` (any logged-in user), ``*`` (anyone) and ``<workspace>/<who>``, on the
 artifact or its parent collection.
 
-We do not trust "it is in alice's workspace" as proof that alice created it
-for writes: on hypha 0.21.137 anyone can create artifacts in another user's
-workspace.
+We do not trust "it is in alice's workspace" as proof that alice made it: on
+hypha 0.21.137 anyone, even anonymous, can create artifacts in another user's
+workspace (``am.create(workspace=...)`` skips the workspace check), and
+``overwrite=True`` replaces an existing artifact's config, permissions included.
+Both leave the attacker's id in the record's ``created_by``, so the service only
+uses an artifact or collection whose ``created_by`` is an owner of its workspace
+(or the service itself): :func:`readable_artifact`, :func:`writable_collection`.
+
+Anything refused for not being the caller's is answered exactly like something
+that does not exist (:func:`cellpose_finetuning.errors.not_found_or_hidden`).
 """
 
 from __future__ import annotations
 
+import time
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from cellpose_finetuning.errors import Forbidden
+from cellpose_finetuning.errors import (
+    CellposeFinetuningError,
+    Forbidden,
+    InvalidInput,
+    NotFound,
+    not_found_or_hidden,
+)
 
-__all__ = ["ANONYMOUS", "Caller", "caller_from_context", "can_read", "can_write_children"]
+if TYPE_CHECKING:
+    from cellpose_finetuning.data.artifacts import ArtifactFiles
+
+__all__ = [
+    "ANONYMOUS",
+    "Caller",
+    "WorkspaceOwners",
+    "caller_from_context",
+    "can_read",
+    "can_write_children",
+    "readable_artifact",
+    "trusted_creator",
+    "writable_collection",
+]
 
 _READ = {"r", "r+", "rw", "rw+", "*"}
 _ADD_CHILD = {"r+", "rw", "rw+", "*", "lv+", "lf+"}
@@ -114,3 +142,171 @@ def can_write_children(caller: Caller, collection: dict[str, Any]) -> bool:
     if "admin" in caller.roles or collection.get("workspace") == f"ws-user-{caller.id}":
         return True
     return _grants(_permissions(collection), caller, _ADD_CHILD)
+
+
+USER_WORKSPACE_PREFIX = "ws-user-"
+
+
+class WorkspaceOwners:
+    """Who owns a workspace: the users whose artifacts there the service trusts.
+
+    ``ws-user-<id>`` is owned by ``<id>``; any other workspace's owners come
+    from ``lookup`` (the server's ``get_workspace_info``), cached for a minute.
+    Without ``lookup``, or when it fails, such a workspace has no trusted owner.
+
+    Parameters
+    ----------
+    lookup : callable, optional
+        ``async (workspace) -> {"owners": [...], ...}``.
+    service_user : str, optional
+        The service's own user id: what the service created (exported models)
+        is trusted wherever it is.
+    """
+
+    def __init__(
+        self,
+        lookup: Callable[[str], Awaitable[Any]] | None = None,
+        service_user: str | None = None,
+        ttl_s: float = 60.0,
+    ) -> None:
+        self.lookup = lookup
+        self.service_user = service_user
+        self.ttl_s = ttl_s
+        self._cache: dict[str, tuple[float, frozenset[str]]] = {}
+
+    async def owners(self, workspace: str) -> frozenset[str]:
+        """Owner ids of ``workspace`` (empty when unknown)."""
+        if workspace.startswith(USER_WORKSPACE_PREFIX):
+            return frozenset({workspace[len(USER_WORKSPACE_PREFIX) :]})
+        hit = self._cache.get(workspace)
+        if hit and time.monotonic() - hit[0] < self.ttl_s:
+            return hit[1]
+        owners: frozenset[str] = frozenset()
+        if self.lookup is not None:
+            try:
+                info = dict(await self.lookup(workspace) or {})
+                owners = frozenset(str(o) for o in info.get("owners") or ())
+            except Exception:
+                owners = frozenset()
+        self._cache[workspace] = (time.monotonic(), owners)
+        return owners
+
+
+async def trusted_creator(record: dict[str, Any], owners: WorkspaceOwners | None) -> bool:
+    """Whether ``record`` was created (and not since rewritten) by its workspace's owner.
+
+    ``created_by`` is set by the artifact manager from the creating (or
+    overwriting) caller's identity, so it cannot be chosen by an attacker.
+    """
+    owners = owners or WorkspaceOwners()
+    creator = record.get("created_by")
+    workspace = str(record.get("workspace") or "")
+    if not creator or not workspace:
+        return False
+    if owners.service_user and creator == owners.service_user:
+        return True
+    return creator in await owners.owners(workspace)
+
+
+async def _record(artifacts: ArtifactFiles, artifact_id: str, kind: str) -> dict[str, Any]:
+    try:
+        return await artifacts.read(artifact_id)
+    except (NotFound, Forbidden):
+        raise not_found_or_hidden(kind, artifact_id) from None
+
+
+async def readable_artifact(
+    artifacts: ArtifactFiles | None,
+    artifact_id: str,
+    caller: Caller,
+    *,
+    arg: str = "artifact",
+    kind: str = "artifact",
+) -> dict[str, Any]:
+    """The record of an artifact the caller may read and the service may trust.
+
+    Parameters
+    ----------
+    artifacts : ArtifactFiles
+        The service's artifact store (its ``owners`` attribute says who owns
+        which workspace).
+    artifact_id : str
+        ``workspace/alias`` or an artifact URL.
+    caller : Caller
+        Who asks.
+    arg, kind : str
+        How to name the argument and the thing in errors.
+
+    Returns
+    -------
+    dict
+        The artifact's record (``id`` is ``workspace/alias``, ``_id`` the internal id).
+
+    Raises
+    ------
+    NotFound
+        The same message whether it is missing, not readable by the caller, or
+        created/rewritten by someone other than its workspace's owner.
+    Forbidden
+        Only to the workspace's owner, for an artifact in their workspace that
+        someone else created or rewrote (so they know to replace it).
+    """
+    from cellpose_finetuning.data.artifacts import parse_artifact_id
+
+    artifact_id = parse_artifact_id(artifact_id, arg)
+    if artifacts is None:
+        raise InvalidInput(arg, "this service has no artifact store")
+    record = await _record(artifacts, artifact_id, kind)
+    parent = None
+    if record.get("parent_id"):
+        try:
+            parent = await artifacts.read(record["parent_id"])
+        except CellposeFinetuningError:
+            parent = None
+    if not can_read(caller, record, parent):
+        raise not_found_or_hidden(kind, artifact_id)
+    owners: WorkspaceOwners | None = getattr(artifacts, "owners", None)
+    # The original web frontend uploads inference inputs into the *service's* workspace:
+    # there, what callers created themselves they may use for themselves. Nowhere else: an
+    # artifact of alice's that mallory rewrote carries mallory's created_by too.
+    own = (
+        not caller.is_anonymous
+        and record.get("created_by") == caller.id
+        and owners is not None
+        and owners.service_user is not None
+        and owners.service_user in await owners.owners(record["workspace"])
+    )
+    if not own and not await trusted_creator(record, owners):
+        owners = owners or WorkspaceOwners()
+        if not caller.is_anonymous and caller.id in await owners.owners(record["workspace"]):
+            raise Forbidden(
+                f"{arg}: {artifact_id!r} in your workspace was created or last rewritten by "
+                f"{record.get('created_by')!r}, not by you; the service does not use it. "
+                "Delete it and upload it again."
+            )
+        raise not_found_or_hidden(kind, artifact_id)
+    return record
+
+
+async def writable_collection(
+    artifacts: ArtifactFiles | None, collection_id: str, caller: Caller, *, arg: str = "collection"
+) -> dict[str, Any]:
+    """The record of a trusted collection the caller may add models to.
+
+    Raises
+    ------
+    NotFound
+        Missing, not readable, or not trusted (see :func:`readable_artifact`).
+    InvalidInput
+        Not a collection.
+    Forbidden
+        The caller may read it but not add to it.
+    """
+    if caller.is_anonymous:
+        raise Forbidden(f"{arg}: anonymous callers may not add models to collections")
+    record = await readable_artifact(artifacts, collection_id, caller, arg=arg, kind="collection")
+    if record.get("type") != "collection":
+        raise InvalidInput(arg, f"{record['id']!r} is not a collection")
+    if not can_write_children(caller, record):
+        raise Forbidden(f"{arg}: you may not add models to {record['id']!r}")
+    return record

@@ -24,6 +24,7 @@ export async function loadConfig(location = window.location) {
     serviceId: params.get("service") || file.service_id || "",
     collection: params.get("collection") || file.collection || "",
     fromFile: Boolean(file.service_id),
+    configuredServiceId: file.service_id || "",
   };
 }
 

@@ -1,6 +1,7 @@
 // The page: configuration, login, tabs; the panels do the rest.
 
 import { connect, errorText, loadConfig } from "./api.js";
+import { serviceWarning } from "./safety.js";
 import { $, run, say, showBanner } from "./ui.js";
 import { DataPanel } from "./panels/data.js";
 import { TrainPanel } from "./panels/train.js";
@@ -69,6 +70,13 @@ async function main() {
     btn.addEventListener("click", () => app.showTab(btn.dataset.tab));
   }
 
+  const warnService = () => {
+    const text = serviceWarning($("#service-id").value.trim(), config.configuredServiceId);
+    say($("#service-warning"), text, "error");
+  };
+  $("#service-id").addEventListener("input", warnService);
+  warnService();
+
   async function login(token) {
     app.config.serviceId = $("#service-id").value.trim();
     const conn = await connect(app.config, token);
@@ -113,7 +121,9 @@ async function main() {
   }
   setState("login");
   const saved = sessionStorage.getItem(TOKEN_KEY);
-  if (saved && config.serviceId) await run(null, $("#login-msg"), () => login(saved));
+  // never log in by itself to a service other than the server's own
+  const foreign = serviceWarning(config.serviceId, config.configuredServiceId);
+  if (saved && config.serviceId && !foreign) await run(null, $("#login-msg"), () => login(saved));
 }
 
 main().catch((err) => {

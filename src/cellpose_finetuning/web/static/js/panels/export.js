@@ -2,7 +2,14 @@
 // list_models_by_dataset.
 
 import { readParams } from "./segment.js";
+import { safeHref } from "../safety.js";
 import { $, el, formatTime, run, say } from "../ui.js";
+
+/** A link only to an http(s) address on this page's own server; plain text otherwise. */
+function link(url, attrs, text) {
+  const href = safeHref(url, window.location.origin);
+  return href ? el("a", { ...attrs, href }, text) : el("span", { class: "hint", title: "not a link: not an address on this server" }, text);
+}
 
 const MODEL_NAME = /^[a-z0-9][a-z0-9-]{2,62}$/;
 const PARAMS = {
@@ -68,9 +75,9 @@ export class ExportPanel {
     say($("#export-msg"), `Exported ${result.artifact_id}: a validated BioImage.IO package.`, "ok");
     box.append(
       el("p", {},
-        el("a", { id: "export-download", class: "button", href: result.download_url, download: `${name}.zip` }, "Download the package (.zip)"),
+        link(result.download_url, { id: "export-download", class: "button", download: `${name}.zip` }, "Download the package (.zip)"),
         " ",
-        el("a", { href: result.artifact_url, target: "_blank", rel: "noopener" }, result.artifact_url),
+        link(result.artifact_url, { target: "_blank", rel: "noopener" }, String(result.artifact_url)),
       ),
       el("p", { class: "hint" }, `files: ${(result.files || []).join(", ")}`),
     );
@@ -97,7 +104,7 @@ export class ExportPanel {
         el("tr", { dataset: { model: m.id } },
           el("td", {}, m.name),
           el("td", {}, formatTime(m.created_at)),
-          el("td", {}, el("a", { href: m.url, target: "_blank", rel: "noopener" }, m.id)),
+          el("td", {}, link(m.url, { target: "_blank", rel: "noopener" }, String(m.id))),
         ),
       );
     }
