@@ -94,6 +94,59 @@ def init_model(preset: str, out: Path, seed: int) -> None:
 
 
 # --------------------------------------------------------------------------- train
+def _recipe_options(func: F) -> F:
+    """``--recipe``, ``--nimg-per-epoch`` and ``--sampling`` for ``train``."""
+    from cellpose_finetuning.engine.recipes import RECIPES
+
+    func = click.option(
+        "--sampling",
+        type=click.Choice(["permutation", "cellpose"]),
+        default=None,
+        help="How an epoch picks images: 'permutation' (default: each image once per pass) "
+        "or 'cellpose' (train_seg's draws with replacement when --nimg-per-epoch differs "
+        "from the number of images).",
+    )(func)
+    func = click.option(
+        "--nimg-per-epoch",
+        type=int,
+        default=None,
+        help="Training tiles per epoch (cellpose's nimg_per_epoch; default: one per image).",
+    )(func)
+    return click.option(
+        "--recipe",
+        type=click.Choice(list(RECIPES)),
+        default=None,
+        help="Named settings; options you give explicitly win. "
+        + "; ".join(f"{r.name}: {r.description}" for r in RECIPES.values()),
+    )(func)
+
+
+def _with_recipe(values: dict[str, Any], recipe: str | None) -> dict[str, Any]:
+    """Apply a recipe to the CLI's values (its defaults are the contract's)."""
+    from cellpose_finetuning.engine.recipes import apply_recipe
+
+    return apply_recipe(values, recipe)
+
+
+def _echo_warnings(session: Any) -> None:
+    """Say before a run starts when its settings cannot plausibly change the model."""
+    from cellpose_finetuning.engine.recipes import model_architecture, settings_warnings
+
+    settings = session.settings
+    arch = model_architecture(settings.model)
+    for warning in settings_warnings(settings, arch=arch, n_train=len(session.data.train)):
+        click.echo(f"Warning: {warning}", err=True)
+
+
+def _echo_ap_change(status: Any) -> None:
+    """The last line of a run: "Fine-tuning: AP@0.5 0.31 → 0.62 (+0.31)"."""
+    from cellpose_finetuning.engine.metrics import ap_change
+
+    change = ap_change(status.base_instance_metrics, status.instance_metrics)
+    if change:
+        click.echo(f"Fine-tuning on the test set: {change}")
+
+
 def _local_pairs(images: str, annotations: str, images_arg: str, annotations_arg: str) -> list:
     from cellpose_finetuning.data.local import pair_local_specs
 
@@ -163,6 +216,7 @@ def _report(status: Any, session: Any, as_json: bool) -> None:
         click.echo(f"Session: {session.path}")
         if session.curves_file.is_file():
             click.echo(f"Curves:  {session.curves_file}")
+        _echo_ap_change(status)
     if status.status_type == "failed":
         sys.exit(EXIT_FAILED)
 
@@ -208,6 +262,7 @@ def _report(status: Any, session: Any, as_json: bool) -> None:
 )
 @click.option("--detach", is_flag=True, help="Start the run and return at once.")
 @click.option("--json", "as_json", is_flag=True, help="Print the final status as JSON.")
+@_recipe_options
 @_friendly_errors
 def train(
     train_images: str,
@@ -227,6 +282,9 @@ def train(
     out: Path,
     detach: bool,
     as_json: bool,
+    recipe: str | None = None,
+    nimg_per_epoch: int | None = None,
+    sampling: str | None = None,
 ) -> None:
     """Fine-tune a model on local images and masks.
 
@@ -239,17 +297,15 @@ def train(
           --train-annotations 'masks/*_mask.ome.tif' --test-images test/imgs/ \\
           --test-annotations test/masks/ --validation-interval 1 --model tiny.pth \\
           --n-epochs 3 --out runs/b
+      cellpose-finetuning train --recipe from-scratch --model tiny.pth \
+          --train-images data/images/train/ --train-annotations data/annotations/train/ \
+          --out runs/c
     """
     from cellpose_finetuning.engine.runs import create_local_session
     from cellpose_finetuning.engine.training import start_worker
 
-    session = create_local_session(
-        out=out,
-        train_pairs=_local_pairs(
-            train_images, train_annotations, "--train-images", "--train-annotations"
-        ),
-        test_pairs=_test_pairs(test_images, test_annotations),
-        settings=dict(
+    settings = _with_recipe(
+        dict(
             model=model,
             n_epochs=n_epochs,
             learning_rate=learning_rate,
@@ -260,7 +316,18 @@ def train(
             min_train_masks=min_train_masks,
             seed=seed,
             device=device,
+            nimg_per_epoch=nimg_per_epoch,
+            sampling=sampling,
         ),
+        recipe,
+    )
+    session = create_local_session(
+        out=out,
+        train_pairs=_local_pairs(
+            train_images, train_annotations, "--train-images", "--train-annotations"
+        ),
+        test_pairs=_test_pairs(test_images, test_annotations),
+        settings=settings,
         source={
             "train_images": train_images,
             "train_annotations": train_annotations,
@@ -268,6 +335,7 @@ def train(
             "test_annotations": test_annotations,
         },
     )
+    _echo_warnings(session)
     worker = start_worker(session)
     if detach:
         click.echo(f"Started {session.path} (worker pid {worker.pid})")
@@ -1095,6 +1163,110 @@ def remote_infer(
     for path, result in zip(images, _remote_run(ctx, body), strict=True):
         target = write_mask(out / f"{path.name.split('.')[0]}_masks.tif", result["output"])
         click.echo(f"{path} -> {target}")
+
+
+# --------------------------------------------------------------------------- evaluate
+def _model_label(model: str) -> str:
+    """A short name for a model in tables and pictures."""
+    path = Path(model)
+    if model == "cpsam" or not (path.exists() or path.suffix):
+        return model
+    if path.is_dir():
+        return path.name
+    return path.stem if path.suffix in (".pth", ".zip", ".pt") else path.name
+
+
+def _predictors(models: tuple[str, ...], settings: Any, device: str | None) -> dict[str, Any]:
+    """Load each model once: cpsam, checkpoints, session folders, exported packages."""
+    import zipfile
+
+    from cellpose_finetuning.engine.evaluation import checkpoint_predictor
+    from cellpose_finetuning.engine.inference import ModelResolver
+
+    resolver = ModelResolver(allow_paths=True)
+    out: dict[str, Any] = {}
+    for model in models:
+        label = _model_label(model)
+        while label in out:
+            label += "'"
+        path = Path(model)
+        if (path.is_file() and zipfile.is_zipfile(path)) or (path / "rdf.yaml").is_file():
+            from cellpose_finetuning.export.bioimageio import package_predictor
+
+            out[label] = package_predictor(path)
+        else:
+            ref = resolver.resolve(model)
+            out[label] = checkpoint_predictor(ref.source, settings, device=device)
+    return out
+
+
+@main.command()
+@click.option(
+    "--model",
+    "models",
+    multiple=True,
+    required=True,
+    help="A model to score (repeat): 'cpsam', a .pth checkpoint, a session directory, or an "
+    "exported BioImage.IO package (folder or .zip, run with its own thresholds).",
+)
+@click.option("--images", required=True, help="Folder ending in '/' or a pattern, as in train.")
+@click.option("--annotations", required=True, help="Ground-truth masks, same forms.")
+@click.option(
+    "--out",
+    "out",
+    type=click.Path(file_okay=False, path_type=Path),
+    default=Path("evaluation"),
+    show_default=True,
+    help="Folder for evaluation.json, evaluation.md, per_image_ap.png, overlays.png.",
+)
+@click.option("--diameter", type=float, default=None, help="Object diameter (default: none).")
+@click.option("--flow-threshold", type=float, default=0.4, show_default=True)
+@click.option("--cellprob-threshold", type=float, default=0.0, show_default=True)
+@click.option("--device", default=None)
+@click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
+@_friendly_errors
+def evaluate(
+    models: tuple[str, ...],
+    images: str,
+    annotations: str,
+    out: Path,
+    diameter: float | None,
+    flow_threshold: float,
+    cellprob_threshold: float,
+    device: str | None,
+    as_json: bool,
+) -> None:
+    """Score models on labelled images: did fine-tuning help?
+
+    Each model segments every image with the same settings; AP at IoU 0.5,
+    0.75, 0.9 (cellpose's matching), precision, recall and F1 at 0.5, per
+    image and for the set.
+
+    \b
+    Example:
+      cellpose-finetuning evaluate --model tiny.pth --model runs/first \\
+          --images data/images/test/ --annotations data/annotations/test/ --out eval/
+    """
+    from cellpose_finetuning.engine.evaluation import (
+        evaluate_predictors,
+        load_labelled,
+        write_report,
+    )
+    from cellpose_finetuning.engine.schemas import InferenceSettings
+
+    settings = InferenceSettings(
+        diameter=diameter, flow_threshold=flow_threshold, cellprob_threshold=cellprob_threshold
+    )
+    pairs = _local_pairs(images, annotations, "--images", "--annotations")
+    data = load_labelled(pairs)
+    report, predictions = evaluate_predictors(_predictors(models, settings, device), data, settings)
+    files = write_report(report, data, predictions, out)
+    if as_json:
+        click.echo(report.model_dump_json(indent=1))
+        return
+    click.echo(report.to_markdown())
+    for kind, path in files.items():
+        click.echo(f"{kind:9s}: {path}")
 
 
 # --------------------------------------------------------------------------- demo
