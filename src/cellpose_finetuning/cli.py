@@ -1270,6 +1270,11 @@ def evaluate(
 
 
 # --------------------------------------------------------------------------- demo
+#: The demo's run: the tiny network from scratch on the dev nuclei (recipe "from-scratch").
+DEMO_IMAGES = "nuclei_*.tif"
+DEMO_EPOCHS = 50
+
+
 @main.command()
 @click.option(
     "--data",
@@ -1284,17 +1289,34 @@ def evaluate(
     default=Path("runs/demo"),
     show_default=True,
 )
-@click.option("--n-epochs", type=int, default=5, show_default=True)
+@click.option(
+    "--images",
+    "pattern",
+    default=DEMO_IMAGES,
+    show_default=True,
+    help="Which images of the train and test folders to use ('*.tif': all, with the bacteria).",
+)
+@click.option("--n-epochs", type=int, default=DEMO_EPOCHS, show_default=True)
+@click.option("--seed", type=int, default=0, show_default=True)
 @_friendly_errors
-def demo(data: Path, workdir: Path, n_epochs: int) -> None:
-    """Train the tiny network on the bundled dev images and segment the test images.
+def demo(data: Path, workdir: Path, pattern: str, n_epochs: int, seed: int) -> None:
+    """Train the tiny network from scratch on the dev nuclei and show what it learnt.
+
+    Uses recipe 'from-scratch', then scores the untrained and the trained
+    network on the test images (evaluation.md, per_image_ap.png and
+    overlays.png under WORKDIR/evaluation/). The last line is the change in
+    AP@0.5 and the time it took. Seeded: the same numbers on every run on
+    the same machine.
 
     \b
     Example:
-      cellpose-finetuning demo --n-epochs 5
+      cellpose-finetuning demo --workdir runs/demo
     """
     import shutil
 
+    import torch
+
+    t0 = time.perf_counter()
     ctx = click.get_current_context()
     if workdir.exists():
         shutil.rmtree(workdir)
@@ -1303,40 +1325,31 @@ def demo(data: Path, workdir: Path, n_epochs: int) -> None:
     ctx.invoke(init_model, preset="tiny", out=model, seed=0)
     ctx.invoke(
         train,
-        train_images=f"{data}/images/train/",
-        train_annotations=f"{data}/annotations/train/",
-        test_images=f"{data}/images/test/",
-        test_annotations=f"{data}/annotations/test/",
+        train_images=f"{data}/images/train/{pattern}",
+        train_annotations=f"{data}/annotations/train/{pattern}",
+        test_images=f"{data}/images/test/{pattern}",
+        test_annotations=f"{data}/annotations/test/{pattern}",
         model=str(model),
+        recipe="from-scratch",
         n_epochs=n_epochs,
-        learning_rate=3e-3,
-        weight_decay=1e-4,
-        validation_interval=1,
-        n_samples=None,
-        batch_size=1,
-        min_train_masks=1,
-        seed=0,
-        device=None,
+        seed=seed,
         out=workdir / "session",
-        detach=False,
-        as_json=False,
     )
+    trained = time.perf_counter() - t0
     ctx.invoke(
-        infer,
-        model=str(workdir / "session"),
-        images=tuple(sorted((data / "images" / "test").glob("*.tif"))),
-        out=workdir / "masks",
-        diameter=None,
-        flow_threshold=0.4,
-        cellprob_threshold=0.0,
-        niter=None,
-        batch_size=8,
-        do_3d=False,
-        stitch_threshold=0.0,
-        checkpoint="best",
-        device=None,
-        overlay=True,
-        as_json=False,
+        evaluate,
+        models=(str(model), str(workdir / "session")),
+        images=f"{data}/images/test/{pattern}",
+        annotations=f"{data}/annotations/test/{pattern}",
+        out=workdir / "evaluation",
+    )
+    status = _open_session(workdir / "session").read_status()
+    from cellpose_finetuning.engine.metrics import ap_change
+
+    click.echo(
+        f"Demo: {ap_change(status.base_instance_metrics, status.instance_metrics)} on the test "
+        f"images; training {trained:.0f} s, all {time.perf_counter() - t0:.0f} s "
+        f"({torch.get_num_threads()} torch threads)"
     )
 
 
