@@ -380,7 +380,10 @@ class CellposeService:
         train_images/train_annotations: two folders ending in "/" (same file names) or two
         patterns with one "*" whose matched parts must be equal ("images/*.tif",
         "annotations/*_mask.tif"). test_images/test_annotations: the same, for validation.
-        Extra settings: batch_size, min_train_masks, lr_schedule, warmup_epochs, seed.
+        Extra settings: batch_size, min_train_masks, lr_schedule, warmup_epochs, seed,
+        nimg_per_epoch, sampling, recipe ("contract", "cellpose", "from-scratch": named settings;
+        values you give win, the contract's defaults do not). "warnings" lists reasons the run
+        may not change the model.
         """
         caller = caller_from_context(context)
         caller.require_login("start_training")
