@@ -1045,6 +1045,7 @@ def remote_upload(ctx: click.Context, folder: Path, alias: str, public: bool) ->
 @click.option("--n-samples", type=int, default=None)
 @click.option("--detach", is_flag=True, help="Print the session id and return.")
 @click.option("--json", "as_json", is_flag=True)
+@_recipe_options
 @click.pass_context
 def remote_train(ctx: click.Context, detach: bool, as_json: bool, **kwargs: Any) -> None:
     """Start training on the service and follow it with a progress bar.
@@ -1060,6 +1061,8 @@ def remote_train(ctx: click.Context, detach: bool, as_json: bool, **kwargs: Any)
 
     async def body(_server: Any, svc: Any) -> dict[str, Any]:
         started = await svc.start_training(**kwargs)
+        for warning in started.get("warnings", []):
+            click.echo(f"Warning: {warning}", err=True)
         if detach:
             return started
         return await follow(svc, started["session_id"], show_progress=not as_json)
@@ -1071,6 +1074,13 @@ def remote_train(ctx: click.Context, detach: bool, as_json: bool, **kwargs: Any)
         click.echo(
             f"[{status['status_type']}] {status['message']}\nSession: {status['session_id']}"
         )
+        base, final = status.get("base_instance_metrics"), status.get("instance_metrics")
+        if base and final:
+            from cellpose_finetuning.engine.metrics import ap_change
+            from cellpose_finetuning.engine.schemas import InstanceMetrics
+
+            change = ap_change(InstanceMetrics(**base), InstanceMetrics(**final))
+            click.echo(f"Fine-tuning on the test set: {change}")
     if status.get("status_type") == "failed":
         sys.exit(EXIT_FAILED)
 
@@ -1163,6 +1173,44 @@ def remote_infer(
     for path, result in zip(images, _remote_run(ctx, body), strict=True):
         target = write_mask(out / f"{path.name.split('.')[0]}_masks.tif", result["output"])
         click.echo(f"{path} -> {target}")
+
+
+@remote.command("evaluate")
+@click.option("--model", "models", multiple=True, required=True, help="Repeat per model.")
+@click.option("--artifact", required=True, help="The labelled dataset artifact.")
+@click.option("--test-images", required=True, help="Folder ending in '/' or a pattern.")
+@click.option("--test-annotations", required=True, help="Masks, same form.")
+@click.option("--out", type=click.Path(file_okay=False, path_type=Path), default=None)
+@click.pass_context
+def remote_evaluate(
+    ctx: click.Context,
+    models: tuple[str, ...],
+    artifact: str,
+    test_images: str,
+    test_annotations: str,
+    out: Path | None,
+) -> None:
+    """Score models on a dataset artifact with the service; print the tables.
+
+    \b
+    Example:
+      cellpose-finetuning remote evaluate --model tiny --model SESSION_ID \\
+          --artifact ws-user-me/my-data --test-images images/test/ \\
+          --test-annotations annotations/test/ --out eval/
+    """
+    from cellpose_finetuning.client import evaluate as evaluate_remote
+
+    async def body(_server: Any, svc: Any) -> Any:
+        return await evaluate_remote(
+            svc,
+            list(models),
+            artifact=artifact,
+            test_images=test_images,
+            test_annotations=test_annotations,
+            out=out,
+        )
+
+    click.echo(_remote_run(ctx, body)["markdown"])
 
 
 # --------------------------------------------------------------------------- evaluate
