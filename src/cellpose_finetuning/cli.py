@@ -1320,7 +1320,6 @@ def evaluate(
 # --------------------------------------------------------------------------- demo
 #: The demo's run: the tiny network from scratch on the dev nuclei (recipe "from-scratch").
 DEMO_IMAGES = "nuclei_*.tif"
-DEMO_EPOCHS = 50
 
 
 @main.command()
@@ -1344,10 +1343,10 @@ DEMO_EPOCHS = 50
     show_default=True,
     help="Which images of the train and test folders to use ('*.tif': all, with the bacteria).",
 )
-@click.option("--n-epochs", type=int, default=DEMO_EPOCHS, show_default=True)
+@click.option("--n-epochs", type=int, default=None, help="Default: the recipe's.")
 @click.option("--seed", type=int, default=0, show_default=True)
 @_friendly_errors
-def demo(data: Path, workdir: Path, pattern: str, n_epochs: int, seed: int) -> None:
+def demo(data: Path, workdir: Path, pattern: str, n_epochs: int | None, seed: int) -> None:
     """Train the tiny network from scratch on the dev nuclei and show what it learnt.
 
     Uses recipe 'from-scratch', then scores the untrained and the trained

@@ -41,7 +41,7 @@ def test_an_explicit_value_wins_over_the_recipe_and_contract_defaults_do_not():
     assert values["batch_size"] == 4
     assert values["recipe"] == "from-scratch"
     settings = TrainingSettings.model_validate(values)
-    assert settings.nimg_per_epoch == 8 and settings.weight_decay == 0.1
+    assert settings.nimg_per_epoch == 16 and settings.weight_decay == 0.1
 
 
 def test_cellpose_recipe_is_cellposes_fine_tuning():
