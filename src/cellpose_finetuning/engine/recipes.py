@@ -13,7 +13,7 @@ A recipe is a set of training settings chosen for one situation:
 ``from-scratch``
     What the untrained ``tiny``/``small`` networks need to learn anything
     on a CPU: learning rate 3e-3, weight decay 0.1, 60 epochs of 16 tiles
-    in batches of 8 (the demo's run).
+    in batches of 4 (the demo's run).
 
 Values the caller gives explicitly win over the recipe; a value equal to
 the contract's default counts as not given (the service's method signature
@@ -86,12 +86,12 @@ RECIPES: dict[str, Recipe] = {
     "from-scratch": Recipe(
         name="from-scratch",
         description="For the untrained tiny/small networks: learning rate 3e-3, weight decay "
-        "0.1, 60 epochs of 16 tiles in batches of 8 (960 tiles; minutes on a CPU).",
+        "0.1, 60 epochs of 16 tiles in batches of 4 (960 tiles; minutes on a CPU).",
         settings={
             "n_epochs": 60,
             "learning_rate": 3e-3,
             "weight_decay": 0.1,
-            "batch_size": 8,
+            "batch_size": 4,
             "nimg_per_epoch": 16,
             "min_train_masks": 1,
             "lr_schedule": "proportional",
