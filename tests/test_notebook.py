@@ -20,7 +20,7 @@ def test_tutorial_notebook_executes_and_draws_its_pictures(tmp_path, monkeypatch
     nb = nbformat.read(NOTEBOOK, as_version=4)
     client = NotebookClient(
         nb,
-        timeout=600,
+        timeout=1800,  # per cell; the training cell takes about 2 min on 2 quiet cores
         kernel_name="python3",
         resources={"metadata": {"path": str(NOTEBOOK.parents[1])}},
     )
