@@ -201,6 +201,8 @@ def main() -> None:
                         print(json.dumps(run), flush=True)
                         out.parent.mkdir(parents=True, exist_ok=True)
                         out.write_text(json.dumps(record, indent=1))
+                        DOC.parent.mkdir(parents=True, exist_ok=True)
+                        DOC.write_text(render(record))  # partial results survive an interruption
     out.write_text(json.dumps(record, indent=1))
     DOC.parent.mkdir(parents=True, exist_ok=True)
     DOC.write_text(render(record))

@@ -59,7 +59,8 @@ def test_base_instance_metrics_equal_evaluate_of_the_starting_weights(demo_run, 
         "--json",
     )
     assert code == 0, out
-    evaluated = json.loads(out)["models"][0]["metrics"]
+    report = json.loads((tmp_path / "eval" / "evaluation.json").read_text())
+    evaluated = report["models"][0]["metrics"]
     assert evaluated["n_pred"] > 0 and evaluated["ap_0_5"] > 0  # a non-trivial baseline
     code, out = _run(
         "train",
