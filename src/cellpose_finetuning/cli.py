@@ -1238,7 +1238,9 @@ def _predictors(models: tuple[str, ...], settings: Any, device: str | None) -> d
         while label in out:
             label += "'"
         path = Path(model)
-        if (path.is_file() and zipfile.is_zipfile(path)) or (path / "rdf.yaml").is_file():
+        # A .pth is a zip too (torch's format): packages are .zip files or rdf.yaml folders.
+        is_zip = path.suffix.lower() == ".zip" and path.is_file() and zipfile.is_zipfile(path)
+        if is_zip or (path / "rdf.yaml").is_file():
             from cellpose_finetuning.export.bioimageio import package_predictor
 
             out[label] = package_predictor(path)
