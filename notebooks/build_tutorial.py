@@ -26,7 +26,6 @@ from pathlib import Path
 
 import matplotlib.pyplot as plt
 import numpy as np
-import tifffile
 import torch
 from IPython.display import display
 
