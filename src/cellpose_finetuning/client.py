@@ -26,6 +26,7 @@ from cellpose_finetuning.data.artifacts import upload_files
 
 __all__ = [
     "connect",
+    "evaluate",
     "follow",
     "infer",
     "infer_files",
@@ -227,3 +228,57 @@ async def publish_package(
         "download_url": f"{url}/create-zip-file",
         "files": names,
     }
+
+
+async def evaluate(
+    svc: Any,
+    models: list[str],
+    *,
+    artifact: str,
+    test_images: str,
+    test_annotations: str,
+    out: str | os.PathLike[str] | None = None,
+    **kwargs: Any,
+) -> dict[str, Any]:
+    """Score models on a labelled dataset artifact (the service's ``evaluate``).
+
+    Parameters
+    ----------
+    svc : service proxy
+        From :func:`connect`.
+    models : list of str
+        ``cpsam``, checkpoint names offered by the service, your session ids.
+    artifact, test_images, test_annotations : str
+        The dataset and its image/mask specs (folder or pattern form).
+    out : path-like, optional
+        Also write ``evaluation.json``, ``evaluation.md``, ``per_image_ap.png``
+        and ``overlays.png`` there.
+    **kwargs
+        ``diameter``, ``flow_threshold``, ``cellprob_threshold``.
+
+    Returns
+    -------
+    dict
+        ``report``, ``markdown`` and the two pictures as PNG bytes.
+    """
+    import json
+
+    result = await svc.evaluate(
+        models=list(models),
+        artifact=artifact,
+        test_images=test_images,
+        test_annotations=test_annotations,
+        **kwargs,
+    )
+    if out is not None:
+        folder = Path(out)
+        folder.mkdir(parents=True, exist_ok=True)
+        (folder / "evaluation.json").write_text(json.dumps(result["report"], indent=1))
+        (folder / "evaluation.md").write_text(result["markdown"])
+        for key, name in (
+            ("per_image_ap_png", "per_image_ap.png"),
+            ("overlays_png", "overlays.png"),
+        ):
+            if key in result:
+                (folder / name).write_bytes(bytes(result[key]))
+    return result

@@ -55,3 +55,44 @@ def test_pixel_metrics_on_a_hand_counted_example():
 def test_pixel_metrics_refuse_mismatched_shapes():
     with pytest.raises(ValueError, match="shapes differ"):
         pixel_metrics(np.zeros((2, 2), bool), np.zeros((3, 2), int))
+
+
+def test_score_masks_equals_cellpose_average_precision_per_image_and_mean(test_pairs):
+    from cellpose_finetuning.engine.metrics import score_masks
+
+    true = [tifffile.imread(m).astype("int32") for _, m in test_pairs]
+    pred = [_degrade(m, i + 7) for i, m in enumerate(true)]
+    mean, rows = score_masks(true, pred, ["a", "b"])
+    ap, tp, fp, fn = average_precision(true, pred, threshold=[0.5, 0.75, 0.9])
+    for i, row in enumerate(rows):
+        assert [row.ap_0_5, row.ap_0_75, row.ap_0_9] == pytest.approx(ap[i], abs=1e-6)
+        assert (row.tp_0_5, row.fp_0_5, row.fn_0_5) == (tp[i, 0], fp[i, 0], fn[i, 0])
+    assert [mean.ap_0_5, mean.ap_0_75, mean.ap_0_9] == pytest.approx(
+        np.nanmean(ap, axis=0), abs=1e-6
+    )
+    t, f, n = tp[:, 0].sum(), fp[:, 0].sum(), fn[:, 0].sum()
+    assert mean.precision_0_5 == pytest.approx(t / (t + f))
+    assert mean.recall_0_5 == pytest.approx(t / (t + n))
+    assert mean.f1_0_5 == pytest.approx(2 * t / (2 * t + f + n))
+    assert 0 < mean.f1_0_5 < 1 and [r.image for r in rows] == ["a", "b"]
+
+
+def test_no_prediction_scores_zero_recall_and_precision(test_pairs):
+    from cellpose_finetuning.engine.metrics import score_masks
+
+    true = [tifffile.imread(m) for _, m in test_pairs]
+    mean, rows = score_masks(true, [np.zeros_like(m) for m in true])
+    assert (mean.ap_0_5, mean.precision_0_5, mean.recall_0_5, mean.f1_0_5) == (0, 0, 0, 0)
+    assert rows[0].n_pred == 0 and rows[0].fn_0_5 == rows[0].n_true > 0
+
+
+def test_ap_change_says_plainly_when_fine_tuning_made_it_worse():
+    from cellpose_finetuning.engine.metrics import ap_change
+    from cellpose_finetuning.engine.schemas import InstanceMetrics
+
+    def im(ap):
+        return InstanceMetrics(ap_0_5=ap, ap_0_75=0, ap_0_9=0, n_true=1, n_pred=1)
+
+    assert ap_change(im(0.31), im(0.62)) == "AP@0.5 0.31 → 0.62 (+0.31)"
+    assert "WORSE" in ap_change(im(0.62), im(0.31)) and "(-0.31)" in ap_change(im(0.62), im(0.31))
+    assert ap_change(None, im(0.5)) == ""

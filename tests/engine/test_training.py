@@ -97,6 +97,45 @@ def test_runner_reproduces_cellpose_train_seg_losses(tmp_path, tiny_model, train
     assert ours.test_losses[0] == pytest.approx(test_losses[0], rel=1e-5)
 
 
+def test_nimg_per_epoch_with_cellpose_sampling_takes_train_segs_batches(
+    tmp_path, tiny_model, train_pairs
+):
+    """nimg_per_epoch=7 of 5 images in batches of 2: the same draws, so the same losses."""
+    import tifffile
+    from cellpose import train
+
+    from cellpose_finetuning.engine.models import load_network
+
+    settings = dict(n_epochs=3, learning_rate=1e-3, batch_size=2, lr_schedule="cellpose")
+    session = _session(
+        tmp_path,
+        train_pairs,
+        model=str(tiny_model),
+        nimg_per_epoch=7,
+        sampling="cellpose",
+        **settings,
+    )
+    ours = run_training(session)
+
+    net, _ = load_network(tiny_model)
+    (tmp_path / "direct").mkdir()
+    torch.manual_seed(0)
+    _, train_losses, _ = train.train_seg(
+        net,
+        train_data=[tifffile.imread(a).astype("float32") for a, _ in train_pairs],
+        train_labels=[tifffile.imread(b) for _, b in train_pairs],
+        n_epochs=3,
+        learning_rate=1e-3,
+        weight_decay=1e-4,
+        batch_size=2,
+        nimg_per_epoch=7,
+        save_path=tmp_path / "direct",
+        min_train_masks=1,
+    )
+    np.testing.assert_allclose(ours.train_losses, train_losses, rtol=1e-5)
+    assert len(set(np.round(train_losses, 6))) == 3
+
+
 # ----------------------------------------------------------------------------- a full run
 @pytest.fixture(scope="module")
 def completed_run(tmp_path_factory, tiny_model, train_pairs, test_pairs):

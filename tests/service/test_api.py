@@ -98,9 +98,43 @@ async def test_training_completes_with_every_documented_status_key(trained):
     assert status["dataset_artifact_id"] == "ws-user-alice/dev-data"
     assert len(status["train_losses"]) == 2 and len(status["test_metrics"]) == 2
     assert all(m and 0 <= m["f1"] <= 1 for m in status["test_metrics"])
-    assert set(status["instance_metrics"]) == {"ap_0_5", "ap_0_75", "ap_0_9", "n_true", "n_pred"}
+    assert set(status["instance_metrics"]) >= {"ap_0_5", "ap_0_75", "ap_0_9", "n_true", "n_pred"}
+    assert set(status["base_instance_metrics"]) == set(status["instance_metrics"])
     assert status["n_train"] == 5 and status["n_test"] == 2
     assert "running" in seen or "preparing" in seen
+
+
+async def test_evaluate_scores_each_model_as_the_run_scored_it(alice, trained, dataset):
+    _, svc = alice
+    session_id, status, _ = trained
+    result = await svc.evaluate(
+        models=["tiny", session_id],
+        artifact=dataset,
+        test_images="images/test/",
+        test_annotations="annotations/test/",
+    )
+    base, tuned = result["report"]["models"]
+    assert (base["model"], tuned["model"]) == ("tiny", session_id)
+    assert [row["image"] for row in base["images"]] == [
+        "images/test/bacteria_t19.tif",
+        "images/test/nuclei_03.tif",
+    ]
+    assert base["metrics"] == status["base_instance_metrics"]
+    assert tuned["metrics"] == status["instance_metrics"]
+    assert f"| {session_id} |" in result["markdown"]
+    for key in ("per_image_ap_png", "overlays_png"):
+        assert bytes(result[key]).startswith(b"\x89PNG")
+
+
+async def test_evaluate_keeps_sessions_private(bob, trained, dataset):
+    _, svc = bob
+    with pytest.raises(Exception, match="not found"):
+        await svc.evaluate(
+            models=[trained[0]],
+            artifact=dataset,
+            test_images="images/test/",
+            test_annotations="annotations/test/",
+        )
 
 
 async def test_pattern_form_training(alice, dataset):

@@ -7,13 +7,25 @@ server with no display.
 from __future__ import annotations
 
 import os
+from collections.abc import Mapping, Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from cellpose_finetuning.engine.schemas import TrainingStatus
 
-__all__ = ["label_colors", "normalize_for_display", "overlay_masks", "plot_training_curves"]
+if TYPE_CHECKING:
+    from cellpose_finetuning.engine.evaluation import EvaluationReport, Labelled
+
+__all__ = [
+    "label_colors",
+    "normalize_for_display",
+    "overlay_masks",
+    "plot_evaluation_bars",
+    "plot_evaluation_overlays",
+    "plot_training_curves",
+]
 
 
 def plot_training_curves(status: TrainingStatus, path: str | os.PathLike[str]) -> Path:
@@ -63,10 +75,24 @@ def plot_training_curves(status: TrainingStatus, path: str | os.PathLike[str]) -
     ax_metric.set_xlabel("epoch")
     ax_metric.set_title("Validation (foreground)")
     ax_metric.grid(alpha=0.3)
-    im = status.instance_metrics
+    im, base = status.instance_metrics, status.base_instance_metrics
+    if base is not None and mets:
+        # The starting model's instance AP as a reference line, the end's as a point.
+        ax_metric.axhline(
+            base.ap_0_5, color="tab:gray", ls=":", lw=1.5, label=f"AP@0.5 base {base.ap_0_5:.2f}"
+        )
+        if im is not None:
+            ax_metric.plot(
+                [epochs[-1]], [im.ap_0_5], "D", color="black", label=f"AP@0.5 final {im.ap_0_5:.2f}"
+            )
+        ax_metric.legend()
     title = f"Session {status.session_id} — {status.status_type}"
     if im is not None:
-        title += f" — AP@0.5 {im.ap_0_5:.3f} ({im.n_pred} predicted / {im.n_true} true)"
+        from cellpose_finetuning.engine.metrics import ap_change
+
+        change = ap_change(base, im)
+        title += f" — {change}" if change else f" — AP@0.5 {im.ap_0_5:.3f}"
+        title += f" ({im.n_pred} predicted / {im.n_true} true)"
     fig.suptitle(title, fontsize=10)
     fig.tight_layout()
     path = Path(path)
@@ -136,3 +162,85 @@ def overlay_masks(image: np.ndarray, masks: np.ndarray, alpha: float = 0.45) -> 
     edge &= inside
     out[edge] = fill[edge]
     return (out * 255).round().astype("uint8")
+
+
+def _save(fig: object, path: str | os.PathLike[str]) -> Path:
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp.png")
+    fig.savefig(tmp)  # type: ignore[attr-defined]
+    os.replace(tmp, path)
+    return path
+
+
+def plot_evaluation_bars(report: EvaluationReport, path: str | os.PathLike[str]) -> Path:
+    """Bar chart of AP@0.5 per image (and the mean), one bar per model.
+
+    Parameters
+    ----------
+    report : EvaluationReport
+        From :func:`cellpose_finetuning.engine.evaluation.evaluate_predictors`.
+    path : path-like
+        Where to write the PNG.
+    """
+    import matplotlib
+
+    matplotlib.use("Agg", force=False)
+    from matplotlib.figure import Figure
+
+    groups = [*report.images, "mean"]
+    n_models = len(report.models)
+    width = 0.8 / max(1, n_models)
+    fig = Figure(figsize=(max(6.0, 1.2 * len(groups) * max(1, n_models) ** 0.5 + 2), 4), dpi=100)
+    ax = fig.subplots()
+    x = np.arange(len(groups))
+    for k, m in enumerate(report.models):
+        values = [row.ap_0_5 for row in m.images] + [m.metrics.ap_0_5]
+        bars = ax.bar(x + (k - (n_models - 1) / 2) * width, values, width, label=m.model)
+        ax.bar_label(bars, fmt="%.2f", fontsize=8)
+    ax.set_xticks(x, groups, rotation=20, ha="right")
+    ax.set_ylim(0, 1.1)
+    ax.set_ylabel("AP@0.5")
+    ax.set_title("Average precision at IoU 0.5, per image")
+    ax.legend(fontsize=8)
+    ax.grid(axis="y", alpha=0.3)
+    fig.tight_layout()
+    return _save(fig, path)
+
+
+def plot_evaluation_overlays(
+    report: EvaluationReport,
+    data: Sequence[Labelled],
+    predictions: Mapping[str, Sequence[np.ndarray]],
+    path: str | os.PathLike[str],
+    *,
+    max_images: int = 4,
+) -> Path:
+    """Side by side per image: the image, the ground truth, then each model's masks.
+
+    Each model's panel is titled with its AP@0.5 and object count on that image.
+    """
+    import matplotlib
+
+    matplotlib.use("Agg", force=False)
+    from matplotlib.figure import Figure
+
+    rows = list(data)[:max_images]
+    ncols = 2 + len(report.models)
+    fig = Figure(figsize=(3.2 * ncols, 3.3 * len(rows)), dpi=100)
+    axes = np.atleast_2d(fig.subplots(len(rows), ncols, squeeze=False))
+    for i, (name, image, truth) in enumerate(rows):
+        panels = [
+            (normalize_for_display(image), f"{name}"),
+            (overlay_masks(image, truth), f"ground truth: {int(np.unique(truth[truth > 0]).size)}"),
+        ]
+        for m in report.models:
+            pred = predictions[m.model][i]
+            row = m.images[i]
+            title = f"{m.model}\nAP@0.5 {row.ap_0_5:.2f}, {row.n_pred} objects"
+            panels.append((overlay_masks(image, pred), title))
+        for ax, (picture, title) in zip(axes[i], panels, strict=True):
+            ax.imshow(picture)
+            ax.set_title(title, fontsize=9)
+            ax.axis("off")
+    fig.tight_layout()
+    return _save(fig, path)

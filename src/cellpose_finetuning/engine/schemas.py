@@ -66,6 +66,13 @@ class InstanceMetrics(BaseModel):
     ap_0_9: float
     n_true: int
     n_pred: int
+    precision_0_5: float | None = Field(
+        None, description="Matched objects (IoU >= 0.5) / predicted objects, over the set."
+    )
+    recall_0_5: float | None = Field(
+        None, description="Matched objects (IoU >= 0.5) / true objects, over the set."
+    )
+    f1_0_5: float | None = Field(None, description="F1 of objects matched at IoU >= 0.5.")
 
 
 class TrainingSettings(BaseModel):
@@ -130,6 +137,26 @@ class TrainingSettings(BaseModel):
     checkpoint_interval_s: float = Field(
         60.0, ge=0, description="Save the last checkpoint at most this often mid-run."
     )
+    nimg_per_epoch: int | None = Field(
+        None,
+        ge=1,
+        le=100_000,
+        description="Training tiles per epoch (cellpose's nimg_per_epoch). None: one per "
+        "training image. With 5 images and nimg_per_epoch=40 an epoch has 40 samples.",
+    )
+    sampling: Literal["permutation", "cellpose"] = Field(
+        "permutation",
+        description="How an epoch picks its images: 'permutation' takes every image once per "
+        "pass in a random order (passes repeated to fill nimg_per_epoch); 'cellpose' is "
+        "train_seg's: a permutation when nimg_per_epoch equals the number of images, else "
+        "drawn with replacement.",
+    )
+    recipe: Literal["contract", "cellpose", "from-scratch"] | None = Field(
+        None,
+        description="Named settings (see README): 'contract' (the original service's "
+        "defaults), 'cellpose' (cellpose's fine-tuning settings for cpsam), 'from-scratch' "
+        "(what the untrained tiny/small networks need). Values given explicitly win.",
+    )
 
     @field_validator("n_samples")
     @classmethod
@@ -178,6 +205,11 @@ class TrainingStatus(BaseModel):
     worker_pid: int | None = None
     worker_create_time: float | None = None
     worker_host: str | None = None
+    base_instance_metrics: InstanceMetrics | None = Field(
+        None,
+        description="The same metrics as instance_metrics for the starting weights, scored "
+        "on the test set before the first epoch.",
+    )
 
 
 class InferenceSettings(BaseModel):

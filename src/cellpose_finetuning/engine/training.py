@@ -41,8 +41,14 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from cellpose_finetuning.engine.metrics import instance_metrics, pixel_metrics_from_counts
-from cellpose_finetuning.engine.schemas import TrainingSettings, TrainingStatus, ValidationMetrics
+from cellpose_finetuning.engine.metrics import ap_change, pixel_metrics_from_counts, score_masks
+from cellpose_finetuning.engine.schemas import (
+    InferenceSettings,
+    InstanceMetrics,
+    TrainingSettings,
+    TrainingStatus,
+    ValidationMetrics,
+)
 from cellpose_finetuning.engine.sessions import Session
 from cellpose_finetuning.errors import CellposeFinetuningError, InvalidInput
 
@@ -52,8 +58,10 @@ if TYPE_CHECKING:
 __all__ = [
     "TrainingWorker",
     "default_warmup",
+    "epoch_order",
     "lr_schedule",
     "run_training",
+    "score_network",
     "start_worker",
     "validation_epochs",
 ]
@@ -123,12 +131,56 @@ def validation_epochs(n_epochs: int, interval: int) -> set[int]:
     return epochs
 
 
+def epoch_order(
+    nimg: int,
+    nimg_per_epoch: int | None = None,
+    sampling: str = "permutation",
+    probs: np.ndarray | None = None,
+) -> np.ndarray:
+    """The image indices of one epoch, drawn from numpy's global random state.
+
+    Parameters
+    ----------
+    nimg : int
+        Number of training images.
+    nimg_per_epoch : int, optional
+        Samples in the epoch; ``nimg`` by default.
+    sampling : {"permutation", "cellpose"}
+        ``permutation``: every image once per pass, in a new random order each
+        pass, passes repeated (and the last one cut) to fill ``nimg_per_epoch``.
+        ``cellpose``: ``train_seg``'s rule, a permutation when
+        ``nimg_per_epoch == nimg``, else ``nimg_per_epoch`` draws with
+        replacement (``np.random.choice`` with ``probs``).
+    probs : numpy.ndarray, optional
+        Sampling probabilities for ``cellpose`` (uniform by default, computed
+        as cellpose does so that the draws are the same).
+
+    Returns
+    -------
+    numpy.ndarray
+        ``nimg_per_epoch`` indices.
+    """
+    n = nimg if nimg_per_epoch is None else int(nimg_per_epoch)
+    if sampling == "cellpose":
+        if n != nimg:
+            if probs is None:
+                probs = 1.0 / nimg * np.ones(nimg, "float64")
+                probs /= probs.sum()
+            return np.random.choice(np.arange(0, nimg), size=(n,), p=probs)
+        return np.random.permutation(np.arange(0, nimg))
+    if sampling != "permutation":
+        raise InvalidInput("sampling", f"unknown sampling {sampling!r}")
+    passes = [np.random.permutation(np.arange(0, nimg)) for _ in range(-(-n // nimg))]
+    return np.concatenate(passes)[:n]
+
+
 @dataclass
 class _Prepared:
     """Training data after cellpose's preparation."""
 
     train_data: list[np.ndarray]
     train_labels: list[np.ndarray]
+    train_probs: np.ndarray
     diam_train: np.ndarray
     test_data: list[np.ndarray] | None
     test_labels: list[np.ndarray] | None
@@ -219,10 +271,11 @@ def _prepare_arrays(
         channel_axis=0,
         device=device,
     )
-    (train_data, train_labels, _, _, _, diam_train, test_data, test_labels, *_rest) = out
+    (train_data, train_labels, _, _, train_probs, diam_train, test_data, test_labels, *_) = out
     return _Prepared(
         train_data=train_data,
         train_labels=train_labels,
+        train_probs=train_probs,
         diam_train=diam_train,
         test_data=test_data,
         test_labels=test_labels,
@@ -231,6 +284,13 @@ def _prepare_arrays(
         n_test=len(test),
         dropped=dropped,
     )
+
+
+def settings_warnings(settings: TrainingSettings, **kwargs: Any) -> list[str]:
+    """See :func:`cellpose_finetuning.engine.recipes.settings_warnings`."""
+    from cellpose_finetuning.engine.recipes import settings_warnings as warn
+
+    return warn(settings, **kwargs)
 
 
 def _load_start_network(session: Session, settings: TrainingSettings, resume: bool) -> Any:
@@ -289,13 +349,22 @@ class _Loop:
         y = self.net(x)[0]
         return y, lbl_t, len(imgi)
 
+    def epoch_order(self, epoch: int) -> np.ndarray:
+        """Indices of the training images an epoch uses, in order (see :func:`epoch_order`)."""
+        np.random.seed(self.settings.seed + epoch)  # as train_seg: np.random.seed(iepoch)
+        return epoch_order(
+            len(self.prep.train_data),
+            self.settings.nimg_per_epoch,
+            self.settings.sampling,
+            self.prep.train_probs,
+        )
+
     def train_epoch(self, epoch: int, lr: float) -> float:
-        """One pass over the training images; returns the mean loss."""
+        """One epoch (``nimg_per_epoch`` samples); returns the mean loss."""
         from cellpose_finetuning.engine.cellpose_compat import loss_fn_seg
 
-        np.random.seed(self.settings.seed + epoch)  # as train_seg: np.random.seed(iepoch)
-        nimg = len(self.prep.train_data)
-        rperm = np.random.permutation(np.arange(0, nimg))
+        rperm = self.epoch_order(epoch)
+        nimg = len(rperm)
         for group in self.optimizer.param_groups:
             group["lr"] = lr
         self.net.train()
@@ -406,6 +475,7 @@ def run_training(session: Session, *, resume: bool = False) -> TrainingStatus:
     if not resume:
         status.train_losses, status.test_losses, status.test_metrics = [], [], []
         status.instance_metrics, status.best_epoch = None, None
+        status.base_instance_metrics = None
     status = session.write_status(
         status.model_copy(
             update={
@@ -424,6 +494,16 @@ def run_training(session: Session, *, resume: bool = False) -> TrainingStatus:
     net, arch = _load_start_network(session, settings, resume)
     net.to(device)
     net.diam_labels.data = torch.tensor([float(prep.diam_train.mean())], device=device)
+    starts_fresh = not (resume and session.has_weights())
+    if prep.raw_test and starts_fresh and status.base_instance_metrics is None:
+        status = session.write_status(
+            status.model_copy(
+                update={"message": "Scoring the starting model on the test set (baseline)"}
+            )
+        )
+        status.base_instance_metrics = score_network(
+            net, device, [m for _, m in prep.raw_test], [img for img, _ in prep.raw_test]
+        )
     loop = _Loop(net, prep, settings, device, lambda: session.stop_requested)
     if resume and session.optimizer_file.is_file():
         loop.optimizer.load_state_dict(
@@ -447,11 +527,15 @@ def run_training(session: Session, *, resume: bool = False) -> TrainingStatus:
     dropped_note = f" ({len(prep.dropped)} images with too few objects dropped)" * bool(
         prep.dropped
     )
+    warnings = settings_warnings(settings, arch=arch, n_train=prep.n_train) if not resume else []
+    for warning in warnings:
+        log.warning("%s", warning)
+    warning_note = "".join(f". Warning: {w}" for w in warnings)
     status = session.write_status(
         status.model_copy(
             update={
                 "status_type": "running",
-                "message": f"Training on {prep.n_train} images{dropped_note}",
+                "message": f"Training on {prep.n_train} images{dropped_note}{warning_note}",
                 "n_train": prep.n_train,
                 "n_test": prep.n_test,
                 "total_epochs": total_epochs,
@@ -554,12 +638,13 @@ def run_training(session: Session, *, resume: bool = False) -> TrainingStatus:
             status.model_copy(update={"message": "Computing instance metrics on the test set"})
         )
         status.instance_metrics = _instance_metrics(session, prep, device)
+    change = ap_change(status.base_instance_metrics, status.instance_metrics)
     status = session.write_status(
         status.model_copy(
             update={
                 "status_type": "completed",
                 "message": f"Training completed: {total_epochs} epochs, final train loss "
-                f"{status.train_losses[-1]:.4f}",
+                f"{status.train_losses[-1]:.4f}" + (f"; test {change}" if change else ""),
                 "elapsed_seconds": prior_elapsed + time.time() - t_start,
                 "worker_pid": None,
             }
@@ -569,17 +654,44 @@ def run_training(session: Session, *, resume: bool = False) -> TrainingStatus:
     return status
 
 
+def score_network(
+    net: Any,
+    device: torch.device,
+    true_masks: list[np.ndarray],
+    images: list[np.ndarray],
+    settings: InferenceSettings | None = None,
+) -> InstanceMetrics:
+    """Instance metrics of a network on labelled images, as ``infer`` would segment them.
+
+    The network is put in eval mode, and numpy's and torch's random states
+    are restored afterwards, so scoring before epoch 1 changes nothing in
+    the run that follows.
+    """
+    import torch
+
+    from cellpose_finetuning.engine.inference import segment
+    from cellpose_finetuning.engine.models import wrap_network
+
+    np_state, torch_state = np.random.get_state(), torch.random.get_rng_state()
+    was_training = net.training
+    try:
+        net.eval()
+        model = wrap_network(net, device, "scoring")
+        preds = [segment(model, img, settings) for img in images]
+    finally:
+        net.train(was_training)
+        np.random.set_state(np_state)
+        torch.random.set_rng_state(torch_state)
+    return score_masks(true_masks, preds)[0]
+
+
 def _instance_metrics(session: Session, prep: _Prepared, device: torch.device) -> Any:
     """AP on the test set with the checkpoint inference will use (best, else last)."""
-    from cellpose_finetuning.engine.models import load_network, wrap_network
+    from cellpose_finetuning.engine.models import load_network
 
     net, _ = load_network(session.weights("best"))
-    model = wrap_network(net, device, str(session.weights("best")))
-    preds = []
-    for img, _mask in prep.raw_test:
-        masks, _flows, _styles = model.eval(img, channel_axis=0)
-        preds.append(np.asarray(masks))
-    return instance_metrics([m for _, m in prep.raw_test], preds)
+    net.to(device)
+    return score_network(net, device, [m for _, m in prep.raw_test], [i for i, _ in prep.raw_test])
 
 
 def _write_curves(session: Session, status: TrainingStatus) -> None:

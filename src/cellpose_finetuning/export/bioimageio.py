@@ -1718,3 +1718,51 @@ def export_command_impl(
         if not test.passed:
             raise ExportError("bioimageio.core's model test failed", test.errors)
     return report
+
+
+def package_predictor(source: str | os.PathLike[str]) -> Any:
+    """A predictor for :mod:`cellpose_finetuning.engine.evaluation` from an exported package.
+
+    The package's own ``model.py`` and ``model_weights.pth`` run with the
+    thresholds baked into it, exactly as a BioImage.IO consumer runs them.
+
+    Parameters
+    ----------
+    source : path-like
+        A package folder (with ``rdf.yaml``) or its ``.zip``.
+
+    Returns
+    -------
+    callable
+        ``(C, H, W)`` image -> ``(H, W)`` int32 labels.
+    """
+    import tempfile
+    import zipfile
+
+    import yaml
+
+    path = Path(source)
+    if path.is_file() and zipfile.is_zipfile(path):
+        tmp = tempfile.TemporaryDirectory(prefix="cpft-package-")
+        with zipfile.ZipFile(path) as zf:
+            for member in zf.namelist():
+                if Path(member).is_absolute() or ".." in Path(member).parts:
+                    raise InvalidInput(str(path), f"unsafe path in the zip: {member!r}")
+            zf.extractall(tmp.name)
+        root = Path(tmp.name)
+        rdfs = sorted(root.rglob("rdf.yaml")) or sorted(root.rglob("*.bioimageio.yaml"))
+        if not rdfs:
+            raise InvalidInput(str(path), "no rdf.yaml in the package")
+        package_dir = rdfs[0].parent
+    elif (path / "rdf.yaml").is_file():
+        tmp, package_dir = None, path
+    else:
+        raise InvalidInput(str(path), "not a package folder (rdf.yaml) or a package .zip")
+    entry = yaml.safe_load((package_dir / "rdf.yaml").read_text())["weights"]
+    entry = entry["pytorch_state_dict"]
+    model = _load_exported_model(package_dir, entry["architecture"], entry["source"])
+
+    def predict(image: np.ndarray, _keep: Any = tmp) -> np.ndarray:
+        return _run_model(model, np.asarray(image, dtype="float32")[None])[0, 0]
+
+    return predict

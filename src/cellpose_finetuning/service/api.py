@@ -54,6 +54,12 @@ from cellpose_finetuning.engine.queue import (
     TrainingExecutor,
     TrainingQueue,
 )
+from cellpose_finetuning.engine.recipes import (
+    RECIPES,
+    apply_recipe,
+    model_architecture,
+    settings_warnings,
+)
 from cellpose_finetuning.engine.runs import (
     validate_settings,
     validation_error_message,
@@ -196,6 +202,14 @@ def api_method(func: F) -> F:
 
     wrapper.__is_api__ = True  # type: ignore[attr-defined]
     return wrapper  # type: ignore[return-value]
+
+
+def _with_warnings(out: dict[str, Any], settings: TrainingSettings, model: str) -> dict[str, Any]:
+    """Add "warnings" to start_training's answer when the settings cannot change the model."""
+    warnings = settings_warnings(settings, arch=model_architecture(model))
+    if warnings:
+        out["warnings"] = warnings
+    return out
 
 
 def _status_dict(session: Session, status: Any = None) -> dict[str, Any]:
@@ -380,6 +394,7 @@ class CellposeService:
                 entry["maximum"] = min(entry.get("maximum", 10**9), self.config.max_epochs)
             params[name] = entry
         return {
+            "recipes": {name: r.model_dump() for name, r in RECIPES.items()},
             "models": [
                 {"name": n, "family": "cellpose-sam", "trainable": True}
                 for n in self.resolver.pretrained_names()
@@ -650,7 +665,10 @@ class CellposeService:
         model: "cpsam", a checkpoint name, one of your sessions, or a model artifact
         exported by this service. n_samples: a count, or a fraction between 0 and 1.
         label: free text to find the session by (list_training_sessions(labels=...)).
-        Extra settings: see get_training_capabilities().
+        Extra settings (see get_training_capabilities()): batch_size, lr_schedule,
+        warmup_epochs, seed, nimg_per_epoch, sampling, recipe ("contract", "cellpose",
+        "from-scratch": named settings; values you give win, the contract's defaults do not).
+        "warnings" lists reasons the run may not change the model.
         """
         caller = caller_from_context(context)
         caller.require_login("start_training")
@@ -658,7 +676,7 @@ class CellposeService:
             train_images, train_annotations, metadata_dir, test_images, test_annotations
         )
         hidden = {"device", "checkpoint_interval_s"}
-        allowed_extra = set(TrainingSettings.model_fields) - hidden
+        allowed_extra = (set(TrainingSettings.model_fields) - hidden) | {"recipe"}
         unknown = set(extra) - allowed_extra
         if unknown:
             raise InvalidInput(sorted(unknown)[0], "unknown argument")
@@ -670,17 +688,19 @@ class CellposeService:
         if model is None or model == "":
             model = "cpsam"
         settings = validate_settings(
-            dict(
-                model=model,
-                n_epochs=n_epochs,
-                n_samples=n_samples,
-                learning_rate=learning_rate,
-                weight_decay=weight_decay,
-                min_train_masks=min_train_masks,
-                validation_interval=validation_interval,
-                enable_clahe=enable_clahe,
-                rescale=rescale,
-                **extra,
+            apply_recipe(
+                dict(
+                    model=model,
+                    n_epochs=n_epochs,
+                    n_samples=n_samples,
+                    learning_rate=learning_rate,
+                    weight_decay=weight_decay,
+                    min_train_masks=min_train_masks,
+                    validation_interval=validation_interval,
+                    enable_clahe=enable_clahe,
+                    rescale=rescale,
+                    **extra,
+                )
             ),
             # metadata_dir may list test records; that is known only once it is read.
             has_test_data=test_images is not None or "metadata_dir" in specs,
@@ -714,7 +734,7 @@ class CellposeService:
         )
         self._prepare_tasks[session.id] = task
         task.add_done_callback(lambda _t: self._prepare_tasks.pop(session.id, None))
-        return _status_dict(session)
+        return _with_warnings(_status_dict(session), settings, base.source)
 
     async def _prepare(
         self,
@@ -1198,3 +1218,98 @@ class CellposeService:
         return await asyncio.to_thread(
             encode_outputs, masks, image_name, list(formats or OUTPUT_FORMATS)
         )
+
+    # ------------------------------------------------------------------ evaluation
+    @api_method
+    async def evaluate(
+        self,
+        models: list[str],
+        artifact: str,
+        test_images: str,
+        test_annotations: str,
+        diameter: float | None = None,
+        flow_threshold: float = 0.4,
+        cellprob_threshold: float = 0.0,
+        pictures: bool = True,
+        context: Any = None,
+    ) -> dict[str, Any]:
+        """Score models on a labelled dataset: did fine-tuning help?
+
+        models: names as for infer ("cpsam", a checkpoint name, your session ids), up to 8.
+        artifact + test_images/test_annotations: a dataset you may read, paired as in
+        start_training. Every model segments every image with the same settings.
+        Returns "report" (per model: AP at IoU 0.5/0.75/0.9, precision/recall/F1 at 0.5,
+        n_true, n_pred, and the same per image), "markdown" (the tables) and, with
+        pictures, "per_image_ap_png" (bar chart) and "overlays_png" (image, ground truth,
+        each model) as PNG bytes.
+        """
+        from cellpose_finetuning.engine.evaluation import (
+            load_labelled,
+            report_pictures,
+            score_predictions,
+        )
+
+        caller = caller_from_context(context)
+        caller.require_login("evaluate")
+        if isinstance(models, str):
+            models = [models]
+        if not isinstance(models, list | tuple) or not models:
+            raise InvalidInput("models", "must be a non-empty list of model names")
+        if len(models) > 8:
+            raise ResourceLimit("models: at most 8 models per call")
+        settings = InferenceSettings(
+            diameter=diameter, flow_threshold=flow_threshold, cellprob_threshold=cellprob_threshold
+        )
+        refs = [self.resolver.resolve(m, owner=caller.id) for m in models]
+        for arg, spec in (("test_images", test_images), ("test_annotations", test_annotations)):
+            if not isinstance(spec, str):
+                raise InvalidInput(arg, "must be a string")
+        check_specs(
+            test_images,
+            test_annotations,
+            images_arg="test_images",
+            annotations_arg="test_annotations",
+        )
+        artifact_id = await self._readable_artifact(artifact, caller)
+        assert self.artifacts is not None
+        names = await self.artifacts.list_specs(artifact_id, [test_images, test_annotations])
+        pairs = pair_files(
+            test_images,
+            test_annotations,
+            names,
+            images_arg="test_images",
+            annotations_arg="test_annotations",
+        )
+        if len(pairs) > self.config.max_images_per_call:
+            raise ResourceLimit(
+                f"test_images: {len(pairs)} pairs; at most {self.config.max_images_per_call} "
+                "per evaluation"
+            )
+        local = await self.artifacts.download(
+            artifact_id, [p for pair in pairs for p in (pair.image, pair.annotation)]
+        )
+        for pair in pairs:
+            read_image(local[pair.image], max_pixels=self.config.max_pixels)  # size check
+        data = await asyncio.to_thread(
+            load_labelled,
+            [(local[p.image], local[p.annotation]) for p in pairs],
+            [p.image for p in pairs],
+        )
+        images = [img for _, img, _ in data]
+        predictions, seconds = {}, {}
+        for name, ref in zip(models, refs, strict=True):
+            t0 = asyncio.get_running_loop().time()
+            predictions[name] = await self.inference.segment(
+                ref, images, [n for n, _, _ in data], settings
+            )
+            seconds[name] = asyncio.get_running_loop().time() - t0
+        report = await asyncio.to_thread(score_predictions, predictions, data, settings, seconds)
+        out: dict[str, Any] = {
+            "report": report.model_dump(mode="json"),
+            "markdown": report.to_markdown(),
+        }
+        if pictures:
+            pngs = await asyncio.to_thread(report_pictures, report, data, predictions)
+            out["per_image_ap_png"] = pngs["bars"]
+            out["overlays_png"] = pngs["overlays"]
+        return out

@@ -5,6 +5,8 @@ export const COLORS = {
   train: "#1f6feb", // blue
   test: "#e36209", // orange
   f1: "#1a7f37", // green
+  base: "#6e7781", // grey: the starting model's AP@0.5
+  final: "#24292f", // black: the fine-tuned model's AP@0.5
   axis: "#57606a",
   grid: "#d8dee4",
 };
@@ -134,9 +136,29 @@ export function drawTrainingChart(canvas, status) {
     yMin: losses.length ? Math.min(...losses) : 0,
     yMax: losses.length ? Math.max(...losses) : 1,
   });
+  // The starting model's AP@0.5 (scored before epoch 1) as a reference line,
+  // the fine-tuned model's as a point at the last epoch.
+  const base = status.base_instance_metrics ? status.base_instance_metrics.ap_0_5 : null;
+  const final = status.instance_metrics ? status.instance_metrics.ap_0_5 : null;
+  const f1Series = [{ label: "F1", color: COLORS.f1, points: f1 }];
+  if (Number.isFinite(base)) {
+    f1Series.push({
+      label: `AP@0.5 base ${base.toFixed(2)}`,
+      color: COLORS.base,
+      points: [[1, base], [xMax, base]],
+      dash: [2, 4],
+    });
+  }
+  if (Number.isFinite(final)) {
+    f1Series.push({
+      label: `AP@0.5 ${final.toFixed(2)}`,
+      color: COLORS.final,
+      points: [[Math.max(1, train.length), final]],
+    });
+  }
   drawPanel(ctx, { x: half, y: 0, w: half, h: cssH }, {
-    title: "Test F1 (foreground pixels)",
-    series: [{ label: "F1", color: COLORS.f1, points: f1 }],
+    title: "Test F1 (foreground pixels), AP@0.5",
+    series: f1Series,
     xMax,
     yMin: 0,
     yMax: 1,
@@ -150,4 +172,5 @@ export function drawTrainingChart(canvas, status) {
   canvas.dataset.trainPoints = String(train.length);
   canvas.dataset.testPoints = String(test.length);
   canvas.dataset.f1Points = String(f1.length);
+  canvas.dataset.baseAp = Number.isFinite(base) ? String(base) : "";
 }

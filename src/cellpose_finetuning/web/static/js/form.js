@@ -106,6 +106,12 @@ export function buildForm(container, params, order = []) {
   }
 
   return {
+    /** Put a value into a field (e.g. from a recipe) and check it. */
+    set(name, value) {
+      if (!fields[name]) return;
+      fields[name].input.value = value === null || value === undefined ? "" : String(value);
+      check(name);
+    },
     values() {
       const out = {};
       let ok = true;

@@ -7,7 +7,7 @@ import { checkSpecs } from "../pairing.js";
 import { $, el, formatTime, run, say } from "../ui.js";
 
 const ACTIVE = ["waiting", "preparing", "running"];
-const FIRST = ["n_epochs", "learning_rate", "weight_decay", "validation_interval", "n_samples"];
+const FIRST = ["recipe", "n_epochs", "learning_rate", "weight_decay", "validation_interval", "n_samples"];
 const CONTINUE_EPOCHS = { type: "integer", minimum: 1 };
 
 export class TrainPanel {
@@ -42,6 +42,15 @@ export class TrainPanel {
       const models = caps.models.map((m) => m.name);
       $("#train-model").replaceChildren(...models.map((n) => el("option", { value: n }, n)));
       this.form = buildForm($("#train-form"), caps.parameters, FIRST);
+      // Choosing a recipe fills in its settings (which can still be changed).
+      const recipe = $("#param-recipe");
+      if (recipe && caps.recipes) {
+        recipe.addEventListener("change", () => {
+          const chosen = caps.recipes[recipe.value];
+          for (const [name, value] of Object.entries(chosen?.settings || {})) this.form.set(name, value);
+          say($("#train-msg"), chosen ? chosen.description : "", "ok");
+        });
+      }
     });
     await run(null, $("#sessions-msg"), () => this.refresh());
   }
@@ -92,7 +101,8 @@ export class TrainPanel {
     }
     const status = await this.conn.call("start_training", args);
     this.watch(status.session_id);
-    say($("#train-msg"), `Started session ${status.session_id}.`, "ok");
+    const warnings = (status.warnings || []).map((w) => ` Warning: ${w}`).join("");
+    say($("#train-msg"), `Started session ${status.session_id}.${warnings}`, "ok");
     await this.refresh();
   }
 
@@ -144,6 +154,16 @@ export class TrainPanel {
         `test set: AP@0.5 ${m.ap_0_5?.toFixed(3)}, AP@0.75 ${m.ap_0_75?.toFixed(3)}, ` +
           `${m.n_pred} objects found of ${m.n_true}`,
       );
+    }
+    const b = status.base_instance_metrics;
+    if (b && m) {
+      const delta = m.ap_0_5 - b.ap_0_5;
+      const sign = delta >= 0 ? "+" : "−";
+      let text = `AP@0.5 ${b.ap_0_5.toFixed(2)} → ${m.ap_0_5.toFixed(2)} (${sign}${Math.abs(delta).toFixed(2)})`;
+      if (delta < 0) text += ": the fine-tuned model is WORSE than the base";
+      parts.push(text);
+    } else if (b) {
+      parts.push(`starting model: AP@0.5 ${b.ap_0_5.toFixed(3)}`);
     }
     $("#monitor-metrics").textContent = parts.join(" · ");
   }
