@@ -128,3 +128,33 @@ async def follow_status(svc, session_id: str, done=None, interval: float = 0.5, 
             return status, seen
         await asyncio.sleep(interval)
     raise TimeoutError(f"session {session_id} not done within {timeout} s: {seen[-1]}")
+
+
+@pytest.fixture(scope="session")
+def demo_run(tmp_path_factory: pytest.TempPathFactory, dev_data: Path) -> tuple[Path, str]:
+    """`cellpose-finetuning demo` as a user runs it (seeded, default settings), once.
+
+    Returns the work folder and the command's output. Its trained network
+    (``learned_tiny``) also serves the tests that need a model that finds
+    objects, such as exports replayed from the original service's clients.
+    """
+    from click.testing import CliRunner
+
+    from cellpose_finetuning.cli import main
+
+    workdir = tmp_path_factory.mktemp("demo") / "demo"
+    result = CliRunner().invoke(
+        main, ["demo", "--data", str(dev_data), "--workdir", str(workdir)], catch_exceptions=False
+    )
+    assert result.exit_code == 0, result.output
+    return workdir, result.output
+
+
+@pytest.fixture(scope="session")
+def learned_tiny(demo_run: tuple[Path, str]) -> Path:
+    """The demo's trained tiny network (finds the dev nuclei), as a checkpoint file."""
+    from cellpose_finetuning.engine.sessions import Session
+
+    weights = Session(demo_run[0] / "session").weights("best")
+    assert weights.is_file()
+    return weights

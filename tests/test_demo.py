@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 
-import pytest
 from click.testing import CliRunner
 
 from cellpose_finetuning.cli import main
@@ -14,15 +13,6 @@ from cellpose_finetuning.engine.sessions import Session
 def _run(*args: str) -> tuple[int, str]:
     result = CliRunner().invoke(main, list(args), catch_exceptions=False)
     return result.exit_code, result.output
-
-
-@pytest.fixture(scope="module")
-def demo_run(tmp_path_factory, dev_data):
-    """`cellpose-finetuning demo` as a user runs it (seeded, default settings)."""
-    workdir = tmp_path_factory.mktemp("demo") / "demo"
-    code, out = _run("demo", "--data", str(dev_data), "--workdir", str(workdir))
-    assert code == 0, out
-    return workdir, out
 
 
 def test_demo_beats_the_untrained_network_by_at_least_0_2_ap(demo_run):

@@ -26,7 +26,7 @@ pytestmark = [
 ]
 
 
-async def test_frontend_calls_work_unchanged(running_stack, dev_data, tmp_path):
+async def test_frontend_calls_work_unchanged(running_stack, dev_data, tmp_path, learned_model):
     server = await running_stack.connect("erin")
     try:
         dataset = await upload_folder(server, dev_data, alias="frontend-data")
@@ -45,6 +45,7 @@ async def test_frontend_calls_work_unchanged(running_stack, dev_data, tmp_path):
         "service_id": running_stack.service_id,
         "dataset": dataset,
         "png": str(png),
+        "model": learned_model,
     }
     (tmp_path / "args.json").write_text(json.dumps(args))
     script = Path(__file__).with_name("frontend_calls.mjs")

@@ -62,7 +62,7 @@ async def poll(svc, session_id, line, done=("completed", "failed"), timeout=400)
     raise TimeoutError(seen[-1])
 
 
-async def test_client_script_sequence(dave, running_stack, dev_data):
+async def test_client_script_sequence(dave, running_stack, dev_data, learned_model):
     """The original's client script: train, monitor, metrics file, export + cover, infer."""
     server, svc = dave
     dataset = await upload_folder(server, dev_data, alias="script-data")
@@ -73,11 +73,11 @@ async def test_client_script_sequence(dave, running_stack, dev_data):
         "test_images": "images/test/",
         "test_annotations": "annotations/test/",
         "n_epochs": 2,
-        "learning_rate": 1e-3,
+        "learning_rate": 1e-5,
         "n_samples": None,
         "min_train_masks": 5,
         "validation_interval": 1,
-        "model": "tiny",
+        "model": learned_model,
     }
     session_id = (await svc.start_training(**kwargs))["session_id"]
     status, lines = await poll(svc, session_id, clients.original_cli_monitor_line)
@@ -114,11 +114,11 @@ async def test_client_script_sequence(dave, running_stack, dev_data):
     assert result[0]["output"].shape == (256, 256)
 
 
-async def test_notebook_sequence(dave, colab_dataset):
+async def test_notebook_sequence(dave, colab_dataset, learned_model):
     """The tutorial: train on PNGs, infer, compare, export with a description, continue
     from the exported model, delete both sessions."""
     _, cellpose_service = dave
-    initial_model = "tiny"
+    initial_model = learned_model
     session_status = await cellpose_service.start_training(
         artifact=colab_dataset,
         train_images="train_images/*.png",
