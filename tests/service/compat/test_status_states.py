@@ -117,7 +117,7 @@ def test_keys_appear_once_known(captured):
     batched = [s for s in captured["running"] if "current_batch" in s]
     assert batched and all(0 <= s["current_batch"] < s["total_batches"] for s in batched)
     done = captured["completed"][-1]
-    assert set(done["instance_metrics"]) == {"ap_0_5", "ap_0_75", "ap_0_9", "n_true", "n_pred"}
+    assert set(done["instance_metrics"]) >= {"ap_0_5", "ap_0_75", "ap_0_9", "n_true", "n_pred"}
     assert done["model_modified"] is True
     assert "Latest val loss" in clients.seed_status_report(done)
     # loss lists as the contract shows them: None where validation was skipped
