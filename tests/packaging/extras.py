@@ -21,6 +21,8 @@ EXTRAS_OF: dict[str, frozenset[str]] = {
     # the service object and its token checks also run on BioEngine replicas ([client,export])
     "cellpose_finetuning/service/": frozenset({"client"}),
     "cellpose_finetuning/deploy/serve.py": frozenset({"client"}),
+    # the health check asks Hypha, S3 and the service over HTTP and RPC
+    "cellpose_finetuning/deploy/health.py": frozenset({"client"}),
     "cellpose_finetuning/deploy/bioengine.py": frozenset({"client"}),
     # the CLI's remote and bioengine commands import hypha-rpc lazily
     "cellpose_finetuning/cli.py": frozenset({"client"}),
