@@ -955,7 +955,7 @@ def _stack_options(func: F) -> F:
 @click.option(
     "--max-waiting-infers-per-user",
     type=int,
-    default=8,
+    default=32,
     show_default=True,
     help="infer calls of one user that may wait; more are refused.",
 )

@@ -166,7 +166,8 @@ def test_metadata_from_the_cli_reaches_the_rdf_and_doc(rdf, package):
     assert dois[:2] == ["10.1038/s41592-020-01018-x", "10.1101/2025.04.28.651001"]
     assert "10.5281/zenodo.1234567" in dois
     assert {"nuclei", "fluorescence-light-microscopy", "onnx", "torchscript"} <= set(rdf["tags"])
-    assert rdf["description"] == "Nuclei in DAPI images, tiny test network."
+    # as the original service: the given description is added to the generated one
+    assert rdf["description"].endswith(" Nuclei in DAPI images, tiny test network.")
     doc = (package / "doc.md").read_text()
     assert doc.startswith("# Nuclei model\n\nTrained for the lab's DAPI screens.")
     assert "cellpose_flow_dynamics" in doc and "## Validation" in doc

@@ -60,11 +60,17 @@ def stack_config(tmp_path_factory) -> StackConfig:
 
 
 @pytest.fixture(scope="session")
-async def running_stack(stack_config, tiny_model):
+async def running_stack(stack_config, tiny_model, learned_tiny):
+    """The stack serving ``tiny`` (untrained) and ``tiny-nuclei`` (the demo's trained network).
+
+    ``learned_tiny`` is made before the service starts: the demo trains in this
+    event loop's thread, which a running service must not share.
+    """
     from cellpose_finetuning.deploy.serve import ServeOptions, read_connection_file, serve
 
     (stack_config.data_dir / "models").mkdir(parents=True)
     shutil.copy(tiny_model, stack_config.data_dir / "models" / "tiny.pth")
+    shutil.copy(learned_tiny, stack_config.data_dir / "models" / "tiny-nuclei.pth")
     ready, stop = asyncio.Event(), asyncio.Event()
     options = ServeOptions(
         data_dir=stack_config.data_dir,

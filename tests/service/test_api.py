@@ -87,7 +87,7 @@ async def test_quick_start_infer_on_arrays(alice):
 
 async def test_list_pretrained_models_offers_cpsam_and_checkpoints(alice):
     _, svc = alice
-    assert await svc.list_pretrained_models() == ["cpsam", "tiny"]
+    assert await svc.list_pretrained_models() == ["cpsam", "tiny", "tiny-nuclei"]
 
 
 async def test_training_completes_with_every_documented_status_key(trained):

@@ -127,7 +127,10 @@ class ServiceConfig(BaseModel):
         100, ge=1, description="Sessions a user may keep (any state); delete old ones for more."
     )
     max_waiting_infers_per_user: int = Field(
-        8, ge=1, description="infer calls of one user that may wait for a slot."
+        32,
+        ge=1,
+        description="infer calls of one user that may wait for a slot (a client sending 20 "
+        "images as 20 calls at once is normal; the order stays fair whatever the cap).",
     )
     training_time_slice_s: float | None = Field(
         60.0,
