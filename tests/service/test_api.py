@@ -87,7 +87,7 @@ async def test_quick_start_infer_on_arrays(alice):
 
 async def test_list_pretrained_models_offers_cpsam_and_checkpoints(alice):
     _, svc = alice
-    assert await svc.list_pretrained_models() == ["cpsam", "tiny", "tiny-nuclei"]
+    assert await svc.list_pretrained_models() == ["cpsam", "tiny-nuclei", "tiny"]
 
 
 async def test_training_completes_with_every_documented_status_key(trained):
@@ -319,6 +319,7 @@ async def test_2500_files_are_listed_past_the_old_1000_cap(alice, running_stack,
         model="tiny",
         n_epochs=1,
         n_samples=3,
+        min_train_masks=1,  # two objects per mask; the original's default is 5
     )
     status = await follow(svc, started["session_id"], interval=0.5, show_progress=False)
     assert status["status_type"] == "completed", status["message"]

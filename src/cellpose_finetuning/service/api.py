@@ -225,10 +225,9 @@ def _status_dict(session: Session, status: Any = None) -> dict[str, Any]:
 
 
 def _session_arg(session_id: Any) -> Any:
-    """The original accepted ``<id>/status.json`` and path-like ids: keep their last part."""
-    if isinstance(session_id, str):
-        value = session_id.strip().replace("\\", "/").rstrip("/")
-        value = value.removesuffix("/status.json")
+    """The original accepted ``<path>/<id>/status.json``: keep the id (other ids as given)."""
+    if isinstance(session_id, str) and session_id.strip().endswith("/status.json"):
+        value = session_id.strip().removesuffix("/status.json")
         return value.rsplit("/", 1)[-1]
     return session_id
 
@@ -969,6 +968,13 @@ class CellposeService:
         """Delete one of your sessions that is not running. Returns {"deleted": session_id}."""
         caller = caller_from_context(context)
         session = self._session(session_id, caller)
+        if session.is_terminal():
+            # A finished run's worker may still be exiting: let it (the original's clients
+            # delete right after they read "completed").
+            for _ in range(150):
+                if not self.queue.is_running(session.id):
+                    break
+                await asyncio.sleep(0.1)
         if self.queue.is_running(session.id) or session.id in self._prepare_tasks:
             raise InvalidInput("session_id", "the session is running; stop it first")
         self.queue.cancel(session.id)
