@@ -22,6 +22,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from cellpose_finetuning.data.artifacts import publish_package as _publish
 from cellpose_finetuning.data.artifacts import upload_files
 
 __all__ = [
@@ -199,35 +200,15 @@ async def publish_package(
     Uses the caller's own connection (and so their permissions). Returns the
     keys ``export_model`` returns.
     """
-    import yaml
-
-    package_dir = Path(package_dir)
-    manifest = yaml.safe_load((package_dir / "rdf.yaml").read_text())
-    if training_dataset_id:
-        manifest["training_dataset_id"] = training_dataset_id
     am = await server.get_service("public/artifact-manager")
-    coll = await am.read(collection)
-    art = await am.create(
-        parent_id=coll["id"],
+    return await _publish(
+        am,
+        Path(package_dir),
+        collection=dict(await am.read(collection)),
         alias=alias,
-        type="model",
-        stage=True,
-        manifest=manifest,
-        config={"training_dataset_id": training_dataset_id} if training_dataset_id else {},
+        server_url=str(server.config.public_base_url),
+        training_dataset_id=training_dataset_id,
     )
-    names = await upload_files(
-        am, art["id"], {p.name: p for p in package_dir.iterdir() if p.is_file()}
-    )
-    base = str(server.config.public_base_url).rstrip("/")
-    url = f"{base}/{coll['workspace']}/artifacts/{alias}"
-    return {
-        "artifact_id": art["id"],
-        "model_name": alias,
-        "status": "exported",
-        "artifact_url": url,
-        "download_url": f"{url}/create-zip-file",
-        "files": names,
-    }
 
 
 async def evaluate(

@@ -29,7 +29,7 @@ from typing import Any
 
 from pydantic import BaseModel
 
-from cellpose_finetuning.engine.schemas import TrainingSettings
+from cellpose_finetuning.engine.schemas import TRAINING_DEFAULTS, TrainingSettings
 from cellpose_finetuning.errors import InvalidInput
 
 __all__ = [
@@ -52,13 +52,16 @@ class Recipe(BaseModel):
 
 #: The contract's defaults of ``start_training`` (and of the CLI's ``train``).
 CONTRACT_DEFAULTS: dict[str, Any] = {
-    "n_epochs": 10,
-    "learning_rate": 1e-6,
-    "weight_decay": 1e-4,
-    "batch_size": 1,
-    "min_train_masks": 1,
-    "lr_schedule": "proportional",
-    "sampling": "permutation",
+    key: TRAINING_DEFAULTS[key]
+    for key in (
+        "n_epochs",
+        "learning_rate",
+        "weight_decay",
+        "batch_size",
+        "min_train_masks",
+        "lr_schedule",
+        "sampling",
+    )
 }
 
 RECIPES: dict[str, Recipe] = {

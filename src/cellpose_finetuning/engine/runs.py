@@ -22,6 +22,7 @@ from cellpose_finetuning.errors import InvalidInput
 __all__ = [
     "create_local_session",
     "resolve_base_model",
+    "training_data",
     "validate_settings",
     "validation_error_message",
 ]
@@ -126,12 +127,8 @@ def create_local_session(
         raise InvalidInput("train_images", "no training image/mask pairs")
     ts = validate_settings(settings, has_test_data=bool(test_pairs))
     ts = ts.model_copy(update={"model": resolve_base_model(ts.model)})
-    chosen = select_samples(train_pairs, ts.n_samples, ts.seed)
-    data = DataSpec(
-        train=_as_str_pairs(chosen),
-        test=_as_str_pairs(test_pairs),
-        dataset_artifact_id=dataset_artifact_id,
-        source={**(source or {}), "n_available": len(train_pairs), "seed": ts.seed},
+    data = training_data(
+        train_pairs, test_pairs, ts, source=source, dataset_artifact_id=dataset_artifact_id
     )
     out = Path(out)
     if out.exists() and any(out.iterdir()):
@@ -142,3 +139,26 @@ def create_local_session(
         out.rmdir()
     store = SessionStore(out.parent if str(out.parent) else ".")
     return store.create(ts, data, owner=owner, session_id=out.name)
+
+
+def training_data(
+    train_pairs: Sequence[Any],
+    test_pairs: Sequence[Any],
+    settings: TrainingSettings,
+    *,
+    source: dict[str, Any] | None = None,
+    dataset_artifact_id: str | None = None,
+) -> DataSpec:
+    """The data of a run: the seeded ``n_samples`` subset of the training pairs, and the test pairs.
+
+    The CLI passes local file pairs; the service passes the dataset's
+    :class:`~cellpose_finetuning.data.pairing.Pair` names and renames the spec to
+    the downloaded files (:meth:`DataSpec.renamed`) before training.
+    """
+    chosen = select_samples(list(train_pairs), settings.n_samples, settings.seed)
+    return DataSpec(
+        train=_as_str_pairs(chosen),
+        test=_as_str_pairs(test_pairs),
+        dataset_artifact_id=dataset_artifact_id,
+        source={**(source or {}), "n_available": len(train_pairs), "seed": settings.seed},
+    )

@@ -15,13 +15,16 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 
 __all__ = [
     "DEFAULT_VALIDATION_INTERVAL",
+    "INFERENCE_DEFAULTS",
     "TERMINAL_STATES",
+    "TRAINING_DEFAULTS",
     "InferenceSettings",
     "InstanceMetrics",
     "StatusType",
     "TrainingSettings",
     "TrainingStatus",
     "ValidationMetrics",
+    "field_defaults",
     "public_status",
 ]
 
@@ -296,3 +299,17 @@ def public_status(status: TrainingStatus, *, owner: str | None = None) -> dict[s
         # The contract's examples print elapsed_seconds whenever current_epoch is there.
         out["elapsed_seconds"] = 0.0
     return {k: v for k, v in out.items() if v is not None}
+
+
+def field_defaults(model: type[BaseModel]) -> dict[str, Any]:
+    """Each field's default, by name: what every edge (CLI, service, web) offers.
+
+    Service signatures and CLI options take their defaults from here, and a test
+    checks them all against the models, so a default is written once.
+    """
+    return {name: field.default for name, field in model.model_fields.items()}
+
+
+#: Defaults of :class:`TrainingSettings` and :class:`InferenceSettings`.
+TRAINING_DEFAULTS = field_defaults(TrainingSettings)
+INFERENCE_DEFAULTS = field_defaults(InferenceSettings)

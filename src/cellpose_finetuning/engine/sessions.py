@@ -27,8 +27,8 @@ import re
 import shutil
 import socket
 import uuid
-from collections.abc import Iterator
-from dataclasses import dataclass, field
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -107,6 +107,18 @@ class DataSpec:
             source=data.get("source", {}),
         )
 
+    def files(self) -> list[str]:
+        """Every file of the spec, images and annotations, in order."""
+        return [p for pair in (*self.train, *self.test) for p in pair]
+
+    def renamed(self, where: Mapping[str, Any]) -> DataSpec:
+        """The same spec with each file replaced by ``str(where[file])`` (e.g. a download)."""
+        return replace(
+            self,
+            train=[(str(where[a]), str(where[b])) for a, b in self.train],
+            test=[(str(where[a]), str(where[b])) for a, b in self.test],
+        )
+
 
 class Session:
     """One training session directory."""
@@ -168,6 +180,12 @@ class Session:
     def data(self) -> DataSpec:
         """The file pairs of the run."""
         return DataSpec.from_json(json.loads((self.path / "data.json").read_text()))
+
+    def write_data(self, data: DataSpec, *, update_status: bool = True) -> None:
+        """Record the session's data (``data.json``) and its pair counts in the status."""
+        atomic_write_json(self.path / "data.json", data.to_json())
+        if update_status:
+            self.update_status(n_train=len(data.train), n_test=len(data.test))
 
     @property
     def meta(self) -> dict[str, Any]:
@@ -301,7 +319,7 @@ class SessionStore:
         (path / "weights").mkdir()
         session = Session(path)
         atomic_write_json(path / "meta.json", {"owner": owner, "created_at": _now()})
-        atomic_write_json(path / "data.json", data.to_json())
+        session.write_data(data, update_status=False)
         session.write_settings(settings)
         session.write_status(
             TrainingStatus(

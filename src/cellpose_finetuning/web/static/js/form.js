@@ -128,3 +128,26 @@ export function buildForm(container, params, order = []) {
     },
   };
 }
+
+/**
+ * Take a panel's parameter descriptions from the service's schema (InferenceSettings,
+ * served by get_training_capabilities as "inference_parameters"): bounds for checking,
+ * the default as the field's value, the description as its tooltip. The page declares
+ * no default or bound of its own.
+ * @param {Object<string, [string, object]>} params - name -> [selector, spec], updated
+ * @param {Object<string, object>} schema - name -> description (type, default, bounds...)
+ * @param {(selector: string) => HTMLElement} find - the page's element lookup
+ */
+export function applySchema(params, schema, find) {
+  for (const [name, entry] of Object.entries(params)) {
+    const spec = schema && schema[name];
+    if (!spec) continue;
+    entry[1] = spec;
+    const input = find(entry[0]);
+    const { main } = kinds(spec);
+    if (input.value === "" && spec.default !== null && spec.default !== undefined) input.value = String(spec.default);
+    if (spec.default === null || spec.default === undefined) input.placeholder = "automatic";
+    const bounds = boundsText(main);
+    input.title = [bounds, spec.description].filter(Boolean).join(" · ");
+  }
+}

@@ -1,6 +1,7 @@
 // 4 · Export & find: export_model with its download link, and
 // list_models_by_dataset.
 
+import { applySchema } from "../form.js";
 import { readParams } from "./segment.js";
 import { safeHref } from "../safety.js";
 import { $, el, formatTime, run, say } from "../ui.js";
@@ -11,10 +12,12 @@ function link(url, attrs, text) {
   return href ? el("a", { ...attrs, href }, text) : el("span", { class: "hint", title: "not a link: not an address on this server" }, text);
 }
 
-const MODEL_NAME = /^[a-z0-9][a-z0-9-]{2,62}$/;
+// From the service's schema when connected (get_training_capabilities): the model-name
+// rule (service/payloads.py MODEL_NAME) and InferenceSettings' thresholds.
+const NUMBER = { type: "number" };
 const PARAMS = {
-  flow_threshold: ["#export-flow", { type: "number", minimum: 0 }],
-  cellprob_threshold: ["#export-cellprob", { type: "number", minimum: -10, maximum: 10 }],
+  flow_threshold: ["#export-flow", NUMBER],
+  cellprob_threshold: ["#export-cellprob", NUMBER],
 };
 
 export class ExportPanel {
@@ -26,6 +29,10 @@ export class ExportPanel {
     app.on("datasets", (list) => {
       $("#find-datasets").replaceChildren(...list.map((ds) => el("option", { value: ds.id })));
       if (!$("#find-dataset").value && list.length) $("#find-dataset").value = list[0].id;
+    });
+    app.on("capabilities", (caps) => {
+      applySchema(PARAMS, caps.inference_parameters, $);
+      if (caps.model_name_pattern) this.modelName = new RegExp(`^(?:${caps.model_name_pattern})$`);
     });
     app.on("export-session", (id) => {
       $("#export-session").value = id;
@@ -53,7 +60,7 @@ export class ExportPanel {
     const sessionId = $("#export-session").value;
     const name = $("#export-name").value.trim();
     if (!sessionId) throw new Error("Choose a completed or stopped session.");
-    if (!MODEL_NAME.test(name)) {
+    if (this.modelName && !this.modelName.test(name)) {
       $("#export-name").classList.add("invalid");
       throw new Error(`model name ${JSON.stringify(name)}: use 3-63 lowercase letters, digits and hyphens, starting with a letter or digit. Nothing was sent.`);
     }

@@ -2,18 +2,20 @@
 // masks overlaid with their object counts, each downloadable as a TIFF (made here) and
 // in the tools' formats (made by the service's convert_masks with their own writers).
 
-import { parseValue } from "../form.js";
+import { applySchema, parseValue } from "../form.js";
 import { readByService, readImage, readLabels, readLabelsByService } from "../images.js";
 import { countObjects, drawOverlay, fromNdarray, imageToRgba, toNdarray } from "../overlay.js";
 import { encodeLabelTiff } from "../tiff.js";
 import { $, downloadLink, el, run } from "../ui.js";
 
-// InferenceSettings' bounds (engine/schemas.py); the service checks them again.
+// Filled from the service's InferenceSettings schema when connected (applySchema);
+// until then a number or nothing is accepted and the service checks the bounds.
+const NUMBER_OR_NULL = { anyOf: [{ type: "number" }, { type: "null" }] };
 const PARAMS = {
-  diameter: ["#seg-diameter", { anyOf: [{ type: "number", exclusiveMinimum: 0, maximum: 10000 }, { type: "null" }] }],
-  flow_threshold: ["#seg-flow", { type: "number", minimum: 0 }],
-  cellprob_threshold: ["#seg-cellprob", { type: "number", minimum: -10, maximum: 10 }],
-  niter: ["#seg-niter", { anyOf: [{ type: "integer", minimum: 0, maximum: 10000 }, { type: "null" }] }],
+  diameter: ["#seg-diameter", NUMBER_OR_NULL],
+  flow_threshold: ["#seg-flow", NUMBER_OR_NULL],
+  cellprob_threshold: ["#seg-cellprob", NUMBER_OR_NULL],
+  niter: ["#seg-niter", NUMBER_OR_NULL],
 };
 
 /** Read the threshold fields; throw a readable error naming the first bad one. */
@@ -51,6 +53,11 @@ export class SegmentPanel {
 
   async start(conn) {
     this.conn = conn;
+    await run(null, $("#seg-msg"), async () => {
+      const caps = await conn.call("get_training_capabilities");
+      applySchema(PARAMS, caps.inference_parameters, $);
+      this.app.emit("capabilities", caps);
+    });
     const a = $("#seg-model-a");
     if (conn.anonymous) {
       a.replaceChildren(el("option", { value: "cpsam" }, "cpsam"));

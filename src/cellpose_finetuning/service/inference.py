@@ -1,0 +1,316 @@
+"""The service's segmentation methods: ``infer``, ``evaluate`` and the annotation-file helpers."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+import numpy as np
+
+from cellpose_finetuning.data.pairing import (
+    check_specs,
+    pair_files,
+    safe_relpath,
+)
+from cellpose_finetuning.engine.inference import (
+    Segmentation,
+    check_input_size,
+)
+from cellpose_finetuning.engine.schemas import INFERENCE_DEFAULTS as INF
+from cellpose_finetuning.engine.schemas import (
+    InferenceSettings,
+)
+from cellpose_finetuning.errors import (
+    Forbidden,
+    InvalidInput,
+    ResourceLimit,
+)
+from cellpose_finetuning.io.images import read_image, to_canonical
+from cellpose_finetuning.service.auth import (
+    caller_from_context,
+    readable_artifact,
+)
+from cellpose_finetuning.service.base import ServiceBase
+from cellpose_finetuning.service.edge import (
+    api_method,
+)
+from cellpose_finetuning.service.payloads import (
+    encode_mask_png,
+)
+
+__all__ = ["InferenceMethods"]
+
+
+class InferenceMethods(ServiceBase):
+    """infer, evaluate, read_annotation, convert_masks."""
+
+    @api_method
+    async def infer(
+        self,
+        artifact: str | None = None,
+        image_paths: list[str] | None = None,
+        input_arrays: list[Any] | None = None,
+        model: str = "cpsam",
+        diameter: float | None = INF["diameter"],
+        flow_threshold: float = INF["flow_threshold"],
+        cellprob_threshold: float = INF["cellprob_threshold"],
+        niter: int | None = INF["niter"],
+        return_flows: bool = INF["return_flows"],
+        return_flows_only: bool = False,
+        json_safe: bool = False,
+        enable_clahe: bool = INF["enable_clahe"],
+        context: Any = None,
+    ) -> list[dict[str, Any]]:
+        """Segment images. Returns one dict per image: "input_path" and "output" (labels).
+
+        artifact + image_paths: images in a dataset artifact you may read.
+        input_arrays: numpy arrays (C,H,W) or (H,W) (or (H,W,3) RGB).
+        model: "cpsam", a checkpoint name, one of your training session ids, or a
+        model artifact exported by this service ("workspace/alias" or its URL).
+        diameter: object diameter in pixels; None means no rescaling (cellpose 4 has no size model).
+        return_flows: add "flows" = [HSV flow picture, dP (2,H,W), cell probability (H,W)].
+        return_flows_only: "output" is {"dP", "cellprob"}; no masks, thresholds unused.
+        json_safe: "output" is a PNG overlay {"encoding": "mask_png_base64", "width",
+        "height", "object_count", "png_base64"} for browsers.
+        enable_clahe: contrast-limited histogram equalisation first (grey image).
+        """
+        caller = caller_from_context(context)
+        settings = InferenceSettings(
+            diameter=diameter,
+            flow_threshold=flow_threshold,
+            cellprob_threshold=cellprob_threshold,
+            niter=niter,
+            enable_clahe=bool(enable_clahe),
+            return_flows=bool(return_flows),
+            compute_masks=not bool(return_flows_only),
+        )
+        if (input_arrays is None) == (image_paths is None):
+            raise InvalidInput("input_arrays", "give either input_arrays or artifact + image_paths")
+        if model is None or model == "":
+            model = "cpsam"
+        if caller.is_anonymous and (model != "cpsam" or input_arrays is None):
+            raise Forbidden("anonymous callers may only run model 'cpsam' on input_arrays")
+        ref = await self._resolve_model(model, caller)
+        images: list[np.ndarray] = []
+        names: list[str] = []
+        if input_arrays is not None:
+            if not isinstance(input_arrays, list | tuple) or not input_arrays:
+                raise InvalidInput("input_arrays", "must be a non-empty list of arrays")
+            if len(input_arrays) > self.config.max_images_per_call:
+                raise ResourceLimit(
+                    f"input_arrays: at most {self.config.max_images_per_call} images per call"
+                )
+            for i, arr in enumerate(input_arrays):
+                name = f"input_arrays[{i}]"
+                if not isinstance(arr, np.ndarray):
+                    raise InvalidInput(name, f"expected a numpy array, got {type(arr).__name__}")
+                self._check_pixels(arr.shape, name)
+                img = to_canonical(arr, "YX" if arr.ndim == 2 else None, name=name)
+                if not np.all(np.isfinite(img)):
+                    raise InvalidInput(name, "contains NaN or infinite values")
+                images.append(img)
+                names.append(name)
+        else:
+            if artifact is None:
+                raise InvalidInput("artifact", "needed with image_paths")
+            if not isinstance(image_paths, list | tuple) or not image_paths:
+                raise InvalidInput("image_paths", "must be a non-empty list of paths")
+            if len(image_paths) > self.config.max_images_per_call:
+                raise ResourceLimit(
+                    f"image_paths: at most {self.config.max_images_per_call} per call"
+                )
+            paths = [safe_relpath(p, f"image_paths[{i}]") for i, p in enumerate(image_paths)]
+            record = await readable_artifact(self.artifacts, artifact, caller)
+            assert self.artifacts is not None
+            local = await self.artifacts.download(record["id"], paths, record=record)
+            for p in paths:
+                images.append(read_image(local[p], max_pixels=self.config.max_pixels))
+                names.append(p)
+        for img, name in zip(images, names, strict=True):
+            check_input_size(img, settings.diameter, self.config.max_pixels, name=name)
+        async with self.infer_gate.slot(caller.id):  # round robin between users
+            results = await self.inference.segment(ref, images, names, settings)
+        return [
+            self._result_item(name, result, settings, bool(json_safe))
+            for name, result in zip(names, results, strict=True)
+        ]
+
+    @staticmethod
+    def _result_item(
+        name: str, result: Any, settings: InferenceSettings, json_safe: bool
+    ) -> dict[str, Any]:
+        """One image's answer in the original's shape."""
+        if not isinstance(result, Segmentation):
+            result = Segmentation(masks=result)
+        item: dict[str, Any] = {"input_path": name}
+        if not settings.compute_masks:
+            assert result.flows is not None
+            dp, cellprob = result.flows[1], result.flows[2]
+            item["output"] = {
+                "dP": np.ascontiguousarray(dp, dtype="float32"),
+                "cellprob": np.ascontiguousarray(cellprob, dtype="float32"),
+            }
+            return item
+        assert result.masks is not None
+        item["output"] = encode_mask_png(result.masks) if json_safe else result.masks
+        if settings.return_flows and result.flows is not None:
+            item["flows"] = [np.ascontiguousarray(f) for f in result.flows]
+        return item
+
+    def _check_pixels(self, shape: tuple[int, ...], name: str) -> None:
+        if int(np.prod(shape, dtype="float64")) > self.config.max_pixels:
+            raise ResourceLimit(
+                f"{name}: {shape} has more than the limit of {self.config.max_pixels:,} values"
+            )
+
+    # ------------------------------------------------------------------ annotation files
+    @api_method
+    async def read_annotation(
+        self,
+        file_name: str,
+        data: bytes,
+        image_shape: list[int] | None = None,
+        context: Any = None,
+    ) -> dict[str, Any]:
+        """Read one annotation file as training reads it, before anything is uploaded.
+
+        file_name: its name; the suffix picks the reader (label image, cellpose GUI _seg.npy,
+        QuPath .geojson, ImageJ ROI set .zip). data: the file's bytes. image_shape: the paired
+        image's [height, width] (needed for .geojson and .zip). Returns {"labels": uint16 or
+        uint32 array, "n_objects": int}; errors name the file.
+        """
+        from cellpose_finetuning.io.annotations import read_annotation_bytes
+
+        caller_from_context(context)
+        if isinstance(data, bytes | bytearray) and len(data) > self.config.max_pixels * 8:
+            raise ResourceLimit(f"{file_name}: file larger than {self.config.max_pixels * 8:,} B")
+        labels = await asyncio.to_thread(
+            read_annotation_bytes,
+            file_name,
+            data,
+            image_shape,
+            max_pixels=self.config.max_pixels,
+        )
+        return {"labels": labels, "n_objects": int(labels.max())}
+
+    @api_method
+    async def convert_masks(
+        self,
+        masks: Any,
+        image_name: str,
+        formats: list[str] | None = None,
+        context: Any = None,
+    ) -> dict[str, bytes]:
+        """Masks as the files the tools open: {file name: bytes}.
+
+        masks: (H, W) labels (e.g. infer's "output"). image_name: the segmented image's file
+        name; names keep its whole stem. formats: any of "tif" (<stem>_masks.tif), "seg"
+        (cellpose GUI <stem>_seg.npy), "png" (<stem>_cp_masks.png), "rois" (Fiji
+        <stem>_rois.zip), "geojson" (QuPath <stem>.geojson); default all.
+        """
+        from cellpose_finetuning.io.annotations import OUTPUT_FORMATS, encode_outputs
+
+        caller_from_context(context)
+        if not isinstance(masks, np.ndarray):
+            raise InvalidInput("masks", f"expected a numpy array, got {type(masks).__name__}")
+        self._check_pixels(masks.shape, "masks")
+        if not isinstance(image_name, str) or not image_name.strip():
+            raise InvalidInput("image_name", "must be the image's file name")
+        return await asyncio.to_thread(
+            encode_outputs, masks, image_name, list(formats or OUTPUT_FORMATS)
+        )
+
+    # ------------------------------------------------------------------ evaluation
+    @api_method
+    async def evaluate(
+        self,
+        models: list[str],
+        artifact: str,
+        test_images: str,
+        test_annotations: str,
+        diameter: float | None = INF["diameter"],
+        flow_threshold: float = INF["flow_threshold"],
+        cellprob_threshold: float = INF["cellprob_threshold"],
+        pictures: bool = True,
+        context: Any = None,
+    ) -> dict[str, Any]:
+        """Score models on a labelled dataset: did fine-tuning help?
+
+        models: names as for infer ("cpsam", a checkpoint name, your session ids), up to 8.
+        artifact + test_images/test_annotations: a dataset you may read, paired as in
+        start_training. Every model segments every image with the same settings.
+        Returns "report" (per model: AP at IoU 0.5/0.75/0.9, precision/recall/F1 at 0.5,
+        n_true, n_pred, and the same per image), "markdown" (the tables) and, with
+        pictures, "per_image_ap_png" (bar chart) and "overlays_png" (image, ground truth,
+        each model) as PNG bytes.
+        """
+        from cellpose_finetuning.engine.evaluation import (
+            load_labelled,
+            report_pictures,
+            score_predictions,
+        )
+
+        caller = caller_from_context(context)
+        caller.require_login("evaluate")
+        if isinstance(models, str):
+            models = [models]
+        if not isinstance(models, list | tuple) or not models:
+            raise InvalidInput("models", "must be a non-empty list of model names")
+        if len(models) > 8:
+            raise ResourceLimit("models: at most 8 models per call")
+        settings = InferenceSettings(
+            diameter=diameter, flow_threshold=flow_threshold, cellprob_threshold=cellprob_threshold
+        )
+        refs = [await self._resolve_model(m, caller) for m in models]
+        for arg, spec in (("test_images", test_images), ("test_annotations", test_annotations)):
+            if not isinstance(spec, str):
+                raise InvalidInput(arg, "must be a string")
+        check_specs(
+            test_images,
+            test_annotations,
+            images_arg="test_images",
+            annotations_arg="test_annotations",
+        )
+        artifact_id = await self._readable_artifact(artifact, caller)
+        assert self.artifacts is not None
+        names = await self.artifacts.list_specs(artifact_id, [test_images, test_annotations])
+        pairs = pair_files(
+            test_images,
+            test_annotations,
+            names,
+            images_arg="test_images",
+            annotations_arg="test_annotations",
+        )
+        if len(pairs) > self.config.max_images_per_call:
+            raise ResourceLimit(
+                f"test_images: {len(pairs)} pairs; at most {self.config.max_images_per_call} "
+                "per evaluation"
+            )
+        local = await self.artifacts.download(
+            artifact_id, [p for pair in pairs for p in (pair.image, pair.annotation)]
+        )
+        for pair in pairs:
+            read_image(local[pair.image], max_pixels=self.config.max_pixels)  # size check
+        data = await asyncio.to_thread(
+            load_labelled,
+            [(local[p.image], local[p.annotation]) for p in pairs],
+            [p.image for p in pairs],
+        )
+        images = [img for _, img, _ in data]
+        predictions, seconds = {}, {}
+        for name, ref in zip(models, refs, strict=True):
+            t0 = asyncio.get_running_loop().time()
+            predictions[name] = await self.inference.segment(
+                ref, images, [n for n, _, _ in data], settings
+            )
+            seconds[name] = asyncio.get_running_loop().time() - t0
+        report = await asyncio.to_thread(score_predictions, predictions, data, settings, seconds)
+        out: dict[str, Any] = {
+            "report": report.model_dump(mode="json"),
+            "markdown": report.to_markdown(),
+        }
+        if pictures:
+            pngs = await asyncio.to_thread(report_pictures, report, data, predictions)
+            out["per_image_ap_png"] = pngs["bars"]
+            out["overlays_png"] = pngs["overlays"]
+        return out
