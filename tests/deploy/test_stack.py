@@ -18,8 +18,10 @@ from cellpose_finetuning.deploy.stack import (
     StackConfig,
     StackError,
     mint_token,
+    provision,
     read_connection_file,
 )
+from cellpose_finetuning.deploy.stack.connection import CONNECTION_KEYS
 from cellpose_finetuning.deploy.testing import free_ports, test_stack_config
 from cellpose_finetuning.errors import InvalidInput
 
@@ -182,7 +184,39 @@ def test_the_connection_file_is_private_and_names_everything(hypha_stack):
     assert conn["service_id"] == "bioimage-io/cellpose-finetuning"
     assert conn["s3_endpoint"] == hypha_stack.s3_endpoint
     assert jwt.get_unverified_claims(conn["token"])["sub"] == "alice"
-    assert {"workspace", "pid", "started_at"} <= set(conn)
+    assert tuple(conn) == CONNECTION_KEYS  # the keys serve writes too
+    assert conn["collection"] == "bioimage-io/colab-annotations"
+    assert conn["user"] == "alice" and conn["backend"] is None
+    with pytest.raises(TypeError):  # no key of its own
+        hypha_stack.write_connection_file(extra={"colour": "red"})
+
+
+async def test_provisioning_for_a_server_url_makes_the_users_workspace_and_refuses_anothers(
+    hypha_stack,
+):
+    # What `serve --server-url URL --workspace carol-lab` does with carol's token.
+    carol = await _connect(hypha_stack, "carol")
+    try:
+        for _ in range(2):  # the second time both exist: checked, not created again
+            ws = await provision(carol, hypha_stack.server_url, "carol-lab", "models")
+            try:
+                assert ws.config.workspace == "carol-lab"
+                am = await ws.get_service("public/artifact-manager")
+                collection = await am.read("carol-lab/models")
+                assert collection["type"] == "collection"
+                permissions = collection["config"]["permissions"]
+                assert (permissions["*"], permissions["@"]) == ("r", "r+")
+            finally:
+                await ws.disconnect()
+        assert "carol" in (await carol.get_workspace_info("carol-lab"))["owners"]
+    finally:
+        await carol.disconnect()
+    dave = await _connect(hypha_stack, "dave")
+    try:
+        with pytest.raises(StackError, match="carol-lab"):
+            await provision(dave, hypha_stack.server_url, "carol-lab", "models")
+    finally:
+        await dave.disconnect()
 
 
 # --------------------------------------------------------------------------- own stacks

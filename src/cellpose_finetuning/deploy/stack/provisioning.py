@@ -76,7 +76,13 @@ async def ensure_workspace(admin: Any, workspace: str, owner: str) -> None:
     except Exception as exc:
         if "already exists" not in str(exc):
             raise
-        info = await admin.get_workspace_info(workspace)
+        try:
+            info = await admin.get_workspace_info(workspace)
+        except Exception as denied:
+            raise StackError(
+                f"workspace {workspace!r} exists and {owner!r} may not read it ({denied}): "
+                f"choose a workspace {owner!r} owns"
+            ) from None
         owners = list(info.get("owners") or [])
         log.info("workspace %s exists, owned by %s", workspace, owners)
         if owner not in owners:
