@@ -121,8 +121,11 @@ async def start_service(
     """Connect, build and register the service.
 
     The service reads artifacts through the connection of ``token`` (on the
-    embedded stack an admin identity) and registers in ``workspace``
-    (created if missing) or the token's own workspace. ``executors``
+    embedded stack an admin identity) and registers in ``workspace`` or the
+    token's own workspace. ``workspace`` and its default collection are
+    created if missing, or checked (owned by the token's user), by
+    :func:`~cellpose_finetuning.deploy.stack.provisioning.provision`, the
+    embedded stack's own provisioning. ``executors``
     (``inference``, ``training``) replace the in-process ones, e.g. with
     the Ray backend's.
 
