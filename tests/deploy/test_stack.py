@@ -346,3 +346,70 @@ def test_a_signal_handler_calling_stop_during_start_leaves_nothing(tmp_path):
     assert stack.pids == {}
     assert not _processes_on(tmp_path)
     assert not (tmp_path / "stack.pids").exists()
+
+
+# --------------------------------------------------------------------------- serve --server-url
+async def _serve_on(options):
+    """Start ``serve``; return (task, stop) once it is ready (or raise its error)."""
+    from cellpose_finetuning.deploy.serve import serve
+
+    ready, stop = asyncio.Event(), asyncio.Event()
+    task = asyncio.create_task(serve(options, ready, stop))
+    waiter = asyncio.create_task(ready.wait())
+    done, _ = await asyncio.wait({task, waiter}, timeout=180, return_when=asyncio.FIRST_COMPLETED)
+    waiter.cancel()
+    if task in done:
+        task.result()
+    assert ready.is_set(), "serve was not ready within 180 s"
+    return task, stop
+
+
+async def test_serve_on_a_server_url_provisions_its_workspace_and_writes_the_same_keys(
+    hypha_stack, tmp_path
+):
+    from hypha_rpc import connect_to_server
+
+    from cellpose_finetuning.deploy.serve import ServeOptions
+
+    data_dir = tmp_path / "erin"
+    options = ServeOptions(
+        data_dir=data_dir,
+        server_url=hypha_stack.server_url,
+        workspace="erin-lab",
+        token=hypha_stack.token("erin"),
+        service_config={"worker_threads": 1},
+    )
+    task, stop = await _serve_on(options)
+    try:
+        conn = read_connection_file(data_dir)
+        assert tuple(conn) == CONNECTION_KEYS
+        assert conn["service_id"] == "erin-lab/cellpose-finetuning"
+        assert conn["collection"] == "erin-lab/colab-annotations"
+        assert conn["token"] is None and conn["user"] is None  # no user token to hand out
+        server = await connect_to_server(
+            {"server_url": hypha_stack.server_url, "token": hypha_stack.token("erin")}
+        )
+        try:
+            am = await server.get_service("public/artifact-manager")
+            assert (await am.read("erin-lab/colab-annotations"))["type"] == "collection"
+            svc = await server.get_service(conn["service_id"])
+            assert "cpsam" in await svc.list_pretrained_models()
+        finally:
+            await server.disconnect()
+    finally:
+        stop.set()
+        await asyncio.wait_for(task, 120)
+    assert not (data_dir / "connection.json").exists()
+
+
+async def test_serve_refuses_a_token_that_expires_inside_the_deployment(hypha_stack, tmp_path):
+    from cellpose_finetuning.deploy.serve import ServeOptions
+
+    options = ServeOptions(
+        data_dir=tmp_path / "short",
+        server_url=hypha_stack.server_url,
+        token=hypha_stack.token("erin", expires_in=2 * 3600),
+    )
+    with pytest.raises(InvalidInput, match=r"expires in 2\.0 h.*generate_token"):
+        await _serve_on(options)
+    assert not (tmp_path / "short" / "connection.json").exists()
