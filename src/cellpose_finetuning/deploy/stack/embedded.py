@@ -454,10 +454,8 @@ class EmbeddedStack:
 
         Parameters
         ----------
-        user : str, optional
-            Whose token to include (default ``config.default_user``).
-        token : str, optional
-            The token to include; minted for ``user`` (30 days) if omitted.
+        user, token : str, optional
+            As for :meth:`connection_record`.
         service_id : str, optional
             Default ``<workspace>/cellpose-finetuning``.
         extra : dict, optional
