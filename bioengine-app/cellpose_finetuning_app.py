@@ -81,7 +81,8 @@ class CellposeFinetuningApp:
         from cellpose_finetuning.deploy.bioengine import AppCore
 
         self.core = AppCore(
-            Path(os.environ.get("CELLPOSE_FINETUNING_DATA", Path.home() / "cellpose-finetuning")),
+            # unset: AppCore's default, $HOME/cellpose-finetuning
+            os.environ.get("CELLPOSE_FINETUNING_DATA") or None,
             service_config={
                 "max_concurrent_trainings": max_concurrent_trainings,
                 "max_active_sessions_per_user": max_active_sessions_per_user,

@@ -17,7 +17,6 @@ from click.testing import CliRunner
 from cellpose_finetuning.cli import main
 from cellpose_finetuning.deploy.bioengine import (
     AppCore,
-    TokenWarning,
     check_token,
     load_token,
     read_manifest,
@@ -95,7 +94,7 @@ def _expired_token() -> str:
     return jwt.encode({"sub": "dave", "exp": int(time.time()) - 60}, "s" * 32, algorithm="HS256")
 
 
-def test_tokens_expired_are_refused_and_short_lived_ones_warned(tmp_path, monkeypatch):
+def test_tokens_expired_or_expiring_within_a_day_are_refused(tmp_path, monkeypatch):
     secret = "s" * 32
     expired = _expired_token()
     with pytest.raises(InvalidInput, match="expired"):
@@ -103,8 +102,10 @@ def test_tokens_expired_are_refused_and_short_lived_ones_warned(tmp_path, monkey
     one_hour = mint_token("dave", secret=secret, expires_in=3600)
     with pytest.raises(InvalidInput, match="expired"):
         check_token(one_hour, now=time.time() + 7200)
+    # BioEngine hands the deploy token to every replica it starts: one the
+    # deployment outlives is refused, saying how to get a longer one.
     soon = mint_token("dave", secret=secret, expires_in=3600)
-    with pytest.warns(TokenWarning, match="expires in"):
+    with pytest.raises(InvalidInput, match=r"expires in 1\.0 h.*generate_token"):
         check_token(soon)
     fine = mint_token("dave", secret=secret, expires_in=7 * 24 * 3600)
     with warnings.catch_warnings():

@@ -29,6 +29,7 @@ import pytest
 from cellpose_finetuning.deploy.ray_backend import RAY_PIDS_FILE, stop_ray_leftovers
 from cellpose_finetuning.deploy.serve import mask_token
 from cellpose_finetuning.deploy.stack import port_is_free
+from cellpose_finetuning.deploy.stack.connection import CONNECTION_KEYS
 from cellpose_finetuning.deploy.testing import test_stack_config
 
 pytestmark = pytest.mark.stack
@@ -202,6 +203,11 @@ def test_sigterm_stops_serve_and_everything_it_started_and_no_token_is_printed(s
     assert mask_token(token) in served.output
     assert str(served.data_dir / "connection.json") in served.output
     assert (served.data_dir / "connection.json").stat().st_mode & 0o077 == 0
+    # serve writes the stack's keys, filled in: one writer, one set of keys
+    assert tuple(conn) == CONNECTION_KEYS
+    assert conn["collection"] == "bioimage-io/colab-annotations"
+    assert conn["full_service_id"].endswith(":cellpose-finetuning")
+    assert conn["page_url"] and conn["s3_endpoint"] and conn["backend"] == "local"
     for log_file in (served.data_dir / "logs").iterdir():
         assert token not in log_file.read_text(errors="replace"), log_file
 

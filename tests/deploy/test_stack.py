@@ -18,8 +18,10 @@ from cellpose_finetuning.deploy.stack import (
     StackConfig,
     StackError,
     mint_token,
+    provision,
     read_connection_file,
 )
+from cellpose_finetuning.deploy.stack.connection import CONNECTION_KEYS
 from cellpose_finetuning.deploy.testing import free_ports, test_stack_config
 from cellpose_finetuning.errors import InvalidInput
 
@@ -182,7 +184,39 @@ def test_the_connection_file_is_private_and_names_everything(hypha_stack):
     assert conn["service_id"] == "bioimage-io/cellpose-finetuning"
     assert conn["s3_endpoint"] == hypha_stack.s3_endpoint
     assert jwt.get_unverified_claims(conn["token"])["sub"] == "alice"
-    assert {"workspace", "pid", "started_at"} <= set(conn)
+    assert tuple(conn) == CONNECTION_KEYS  # the keys serve writes too
+    assert conn["collection"] == "bioimage-io/colab-annotations"
+    assert conn["user"] == "alice" and conn["backend"] is None
+    with pytest.raises(TypeError):  # no key of its own
+        hypha_stack.write_connection_file(extra={"colour": "red"})
+
+
+async def test_provisioning_for_a_server_url_makes_the_users_workspace_and_refuses_anothers(
+    hypha_stack,
+):
+    # What `serve --server-url URL --workspace carol-lab` does with carol's token.
+    carol = await _connect(hypha_stack, "carol")
+    try:
+        for _ in range(2):  # the second time both exist: checked, not created again
+            ws = await provision(carol, hypha_stack.server_url, "carol-lab", "models")
+            try:
+                assert ws.config.workspace == "carol-lab"
+                am = await ws.get_service("public/artifact-manager")
+                collection = await am.read("carol-lab/models")
+                assert collection["type"] == "collection"
+                permissions = collection["config"]["permissions"]
+                assert (permissions["*"], permissions["@"]) == ("r", "r+")
+            finally:
+                await ws.disconnect()
+        assert "carol" in (await carol.get_workspace_info("carol-lab"))["owners"]
+    finally:
+        await carol.disconnect()
+    dave = await _connect(hypha_stack, "dave")
+    try:
+        with pytest.raises(StackError, match="carol-lab"):
+            await provision(dave, hypha_stack.server_url, "carol-lab", "models")
+    finally:
+        await dave.disconnect()
 
 
 # --------------------------------------------------------------------------- own stacks
@@ -312,3 +346,70 @@ def test_a_signal_handler_calling_stop_during_start_leaves_nothing(tmp_path):
     assert stack.pids == {}
     assert not _processes_on(tmp_path)
     assert not (tmp_path / "stack.pids").exists()
+
+
+# --------------------------------------------------------------------------- serve --server-url
+async def _serve_on(options):
+    """Start ``serve``; return (task, stop) once it is ready (or raise its error)."""
+    from cellpose_finetuning.deploy.serve import serve
+
+    ready, stop = asyncio.Event(), asyncio.Event()
+    task = asyncio.create_task(serve(options, ready, stop))
+    waiter = asyncio.create_task(ready.wait())
+    done, _ = await asyncio.wait({task, waiter}, timeout=180, return_when=asyncio.FIRST_COMPLETED)
+    waiter.cancel()
+    if task in done:
+        task.result()
+    assert ready.is_set(), "serve was not ready within 180 s"
+    return task, stop
+
+
+async def test_serve_on_a_server_url_provisions_its_workspace_and_writes_the_same_keys(
+    hypha_stack, tmp_path
+):
+    from hypha_rpc import connect_to_server
+
+    from cellpose_finetuning.deploy.serve import ServeOptions
+
+    data_dir = tmp_path / "erin"
+    options = ServeOptions(
+        data_dir=data_dir,
+        server_url=hypha_stack.server_url,
+        workspace="erin-lab",
+        token=hypha_stack.token("erin"),
+        service_config={"worker_threads": 1},
+    )
+    task, stop = await _serve_on(options)
+    try:
+        conn = read_connection_file(data_dir)
+        assert tuple(conn) == CONNECTION_KEYS
+        assert conn["service_id"] == "erin-lab/cellpose-finetuning"
+        assert conn["collection"] == "erin-lab/colab-annotations"
+        assert conn["token"] is None and conn["user"] is None  # no user token to hand out
+        server = await connect_to_server(
+            {"server_url": hypha_stack.server_url, "token": hypha_stack.token("erin")}
+        )
+        try:
+            am = await server.get_service("public/artifact-manager")
+            assert (await am.read("erin-lab/colab-annotations"))["type"] == "collection"
+            svc = await server.get_service(conn["service_id"])
+            assert "cpsam" in await svc.list_pretrained_models()
+        finally:
+            await server.disconnect()
+    finally:
+        stop.set()
+        await asyncio.wait_for(task, 120)
+    assert not (data_dir / "connection.json").exists()
+
+
+async def test_serve_refuses_a_token_that_expires_inside_the_deployment(hypha_stack, tmp_path):
+    from cellpose_finetuning.deploy.serve import ServeOptions
+
+    options = ServeOptions(
+        data_dir=tmp_path / "short",
+        server_url=hypha_stack.server_url,
+        token=hypha_stack.token("erin", expires_in=2 * 3600),
+    )
+    with pytest.raises(InvalidInput, match=r"expires in 2\.0 h.*generate_token"):
+        await _serve_on(options)
+    assert not (tmp_path / "short" / "connection.json").exists()

@@ -21,13 +21,21 @@ EXTRAS_OF: dict[str, frozenset[str]] = {
     # the service object and its token checks also run on BioEngine replicas ([client,export])
     "cellpose_finetuning/service/": frozenset({"client"}),
     "cellpose_finetuning/deploy/serve.py": frozenset({"client"}),
+    # what serve --server-url and BioEngine replicas use of the stack package:
+    # tokens (python-jose), provisioning (hypha-rpc), config, connection.json
+    "cellpose_finetuning/deploy/stack/tokens.py": frozenset({"client"}),
+    "cellpose_finetuning/deploy/stack/provisioning.py": frozenset({"client"}),
     # the health check asks Hypha, S3 and the service over HTTP and RPC
     "cellpose_finetuning/deploy/health.py": frozenset({"client"}),
     "cellpose_finetuning/deploy/bioengine.py": frozenset({"client"}),
     # the CLI's remote and bioengine commands import hypha-rpc lazily
     "cellpose_finetuning/cli.py": frozenset({"client"}),
     "cellpose_finetuning/export/": frozenset({"export"}),
-    "cellpose_finetuning/deploy/stack.py": frozenset({"server"}),
+    # the stack's processes: SeaweedFS (boto3), Hypha, the directory lock
+    "cellpose_finetuning/deploy/stack/embedded.py": frozenset({"server"}),
+    "cellpose_finetuning/deploy/stack/processes.py": frozenset({"server"}),
+    "cellpose_finetuning/deploy/stack/seaweedfs.py": frozenset({"server"}),
+    "cellpose_finetuning/deploy/stack/hypha.py": frozenset({"server"}),
     "cellpose_finetuning/deploy/testing.py": frozenset({"server"}),
     "cellpose_finetuning/web/": frozenset({"server"}),
     "cellpose_finetuning/deploy/ray_backend.py": frozenset({"ray"}),
@@ -59,6 +67,8 @@ PROMISED: dict[str, list[str]] = {
         "cellpose_finetuning.service.api",
         "cellpose_finetuning.service.auth",
         "cellpose_finetuning.deploy.serve",
+        "cellpose_finetuning.deploy.stack.tokens",
+        "cellpose_finetuning.deploy.stack.provisioning",
         "cellpose_finetuning.deploy.bioengine",
         "hypha_rpc",
         "httpx",

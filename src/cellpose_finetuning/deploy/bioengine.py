@@ -20,10 +20,13 @@ service who is calling. The app's BioEngine methods are only the ones that
 need no identity (``list_pretrained_models``, ``get_training_capabilities``,
 ``get_service_info``).
 
-Tokens: the deploy token is checked (expired: refused; expiring within a
-day: warned). Inside the app it is exchanged at start for a service token
-valid for a year, so the deployment does not break when the deploy token
-expires (the original service's failure).
+Tokens: the deploy token is checked by the one lifetime rule
+(:func:`~cellpose_finetuning.deploy.stack.tokens.check_token_lifetime`):
+expired or expiring within a day, it is refused, with how to get a longer
+one (BioEngine hands it to every replica it starts, so it must outlast more
+than the first start). Inside the app it is exchanged at start for a service
+token valid for a year, so a running deployment does not break when the
+deploy token expires (the original service's failure).
 """
 
 from __future__ import annotations
@@ -34,16 +37,14 @@ import re
 import subprocess
 import sys
 import tempfile
-import time
-import warnings
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 import yaml
 
-from cellpose_finetuning.deploy.serve import MIN_TOKEN_LIFETIME_S, token_expiry
+from cellpose_finetuning.deploy.stack.tokens import check_token_lifetime
 from cellpose_finetuning.errors import CellposeFinetuningError, InvalidInput
+from cellpose_finetuning.names import APP_CLASS, SERVICE_ID, SERVICE_TOKEN_LIFETIME_S
 
 __all__ = [
     "AppCore",
@@ -67,12 +68,18 @@ _ALIAS_RE = re.compile(r"^[a-z0-9]+(-[a-z0-9]+)*$")
 _SKIP = ("__pycache__", ".pyc", ".DS_Store")
 #: Requirements file the entry module reads for its ``pip=`` list.
 REQUIREMENTS_FILE = "requirements-app.txt"
-SERVICE_ID = "cellpose-finetuning"
-APP_CLASS = "CellposeFinetuningApp"
+#: The app's data folder, under the ``HOME`` BioEngine gives it (documented in
+#: bioengine-app/README.md; not :data:`~cellpose_finetuning.names.DEFAULT_DATA_DIR`,
+#: which is resolved when this package is imported, and hidden).
+APP_DATA_DIR_NAME = "cellpose-finetuning"
 
 
 class TokenWarning(UserWarning):
-    """The token expires soon."""
+    """The token expires soon.
+
+    No longer emitted: a token expiring within a day is refused
+    (:func:`check_token`). Kept so that code filtering it still imports.
+    """
 
 
 # --------------------------------------------------------------------------- manifest
@@ -154,23 +161,13 @@ def load_token(explicit: str | None = None, env_file: str | os.PathLike[str] = "
 
 
 def check_token(token: str, now: float | None = None) -> str:
-    """Refuse an expired token; warn (:class:`TokenWarning`) when it expires within a day."""
-    exp = token_expiry(token)
-    if exp is None:
-        return token  # no expiry we can read; the server will judge it
-    now = time.time() if now is None else now
-    when = datetime.fromtimestamp(exp, UTC).strftime("%Y-%m-%d %H:%M UTC")
-    if exp <= now:
-        raise InvalidInput("token", f"it expired at {when}; log in again for a fresh one")
-    if exp - now < MIN_TOKEN_LIFETIME_S:
-        hours = (exp - now) / 3600
-        warnings.warn(
-            f"the token expires in {hours:.1f} h (at {when}); the deployment exchanges it "
-            "for its own token at start, but redeploys will need a fresh one",
-            TokenWarning,
-            stacklevel=2,
-        )
-    return token
+    """Refuse a deploy token that has expired or expires within a day.
+
+    The project's one lifetime rule,
+    :func:`~cellpose_finetuning.deploy.stack.tokens.check_token_lifetime`; the
+    error says how to get a longer token.
+    """
+    return check_token_lifetime(token, now=now)
 
 
 # --------------------------------------------------------------------------- upload
@@ -345,7 +342,8 @@ class AppCore:
     Parameters
     ----------
     data_dir : path, optional
-        Sessions, models and dataset cache (default ``$HOME/cellpose-finetuning``;
+        Sessions, models and dataset cache (default ``$HOME/cellpose-finetuning``,
+        :data:`APP_DATA_DIR_NAME`;
         BioEngine sets ``HOME`` to the app's work directory).
     service_id : str
         Id of the service the app registers with ``require_context``.
@@ -367,7 +365,7 @@ class AppCore:
         training_on_ray: bool = False,
         training_gpus: float = 0.0,
     ) -> None:
-        self.data_dir = Path(data_dir or Path.home() / "cellpose-finetuning").expanduser()
+        self.data_dir = Path(data_dir or Path.home() / APP_DATA_DIR_NAME).expanduser()
         self.service_id = service_id
         self.service_config = dict(service_config or {})
         self.training_on_ray = training_on_ray
@@ -401,11 +399,12 @@ class AppCore:
             raise CellposeFinetuningError(
                 "HYPHA_SERVER_URL and HYPHA_TOKEN must be set (deploy with hypha_token)"
             )
-        check_token(token)
+        # exchanged at once for a year-long token: it only has to be valid now
+        check_token_lifetime(token, min_lifetime_s=0)
         first = await connect_to_server({"server_url": server_url, "token": token})
         try:
             long_token = await first.generate_token(
-                {"workspace": first.config.workspace, "expires_in": 365 * 24 * 3600}
+                {"workspace": first.config.workspace, "expires_in": SERVICE_TOKEN_LIFETIME_S}
             )
         finally:
             await first.disconnect()

@@ -51,6 +51,7 @@ from cellpose_finetuning.engine.queue import SessionQueue
 from cellpose_finetuning.engine.schemas import InferenceSettings
 from cellpose_finetuning.engine.sessions import Session
 from cellpose_finetuning.errors import CellposeFinetuningError, InvalidInput
+from cellpose_finetuning.names import SERVICE_ID
 
 __all__ = [
     "InferenceReplica",
@@ -122,7 +123,7 @@ class RayOptions:
     max_queued_trainings: int = 16
     torch_threads: int | None = None
     device: str | None = None
-    app_name: str = "cellpose-finetuning"
+    app_name: str = SERVICE_ID  # the Serve application is named after the service
 
     def validate(self) -> None:
         """Raise :class:`InvalidInput` naming the first bad setting."""
@@ -302,7 +303,7 @@ class RayTrainingQueue(SessionQueue):
 
 
 # --------------------------------------------------------------------------- backend
-def replica_actors(app_name: str = "cellpose-finetuning") -> list[Any]:
+def replica_actors(app_name: str = SERVICE_ID) -> list[Any]:
     """Actor handles of the running inference replicas of ``app_name``."""
     import ray
 
@@ -472,7 +473,7 @@ class RayBackend:
         env.setdefault("OMP_WAIT_POLICY", "PASSIVE")
         if not ray.is_initialized():
             common: dict[str, Any] = {
-                "namespace": "cellpose-finetuning",
+                "namespace": SERVICE_ID,
                 "log_to_driver": False,
                 "runtime_env": {"env_vars": env} if env else None,
             }

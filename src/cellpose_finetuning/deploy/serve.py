@@ -14,15 +14,19 @@ waiting: the servers and Ray are killed at once, still leaving no process.
 Credentials: on the embedded stack the service mints its own token from the
 stack's secret (valid for a year, renewed at each start). On an external
 server it uses the token it is given and refuses to start if that token
-expires within a day, rather than failing silently mid-run as the original
-deployment did.
+expires within a day (:func:`~cellpose_finetuning.deploy.stack.tokens.check_token_lifetime`),
+rather than failing silently mid-run as the original deployment did.
+
+The workspace and its model collection are created by the same code in both
+cases (:mod:`cellpose_finetuning.deploy.stack.provisioning`), and
+``connection.json`` is written by one writer
+(:mod:`cellpose_finetuning.deploy.stack.connection`).
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import logging
 import os
 import signal
@@ -40,33 +44,49 @@ from cellpose_finetuning.deploy.stack import (
     EmbeddedStack,
     StackConfig,
     StackError,
+    check_token_lifetime,
+    connection_record,
+    connection_user,
     make_private,
+    mask_token,
+    provision,
     read_connection_file,
+    remove_connection_file,
+    token_expiry,
+    write_connection_file,
+)
+from cellpose_finetuning.names import (
+    DEFAULT_COLLECTION_ALIAS,
+    DEFAULT_DATA_DIR,
+    DEFAULT_USER,
+    DEFAULT_WORKSPACE,
+    MIN_TOKEN_LIFETIME_S,
+    SERVICE_ID,
+    SERVICE_TOKEN_LIFETIME_S,
+    SERVICE_USER,
 )
 
 if TYPE_CHECKING:
     from cellpose_finetuning.deploy.ray_backend import RayBackend, RayOptions
 
+# Names this module exported before deploy/stack/ held them; kept importable.
 __all__ = [
+    "DEFAULT_COLLECTION_ALIAS",
+    "DEFAULT_WORKSPACE",
+    "MIN_TOKEN_LIFETIME_S",
     "SERVICE_ID",
+    "SERVICE_USER",
     "STOP_SIGNALS",
     "ServeOptions",
     "mask_token",
     "read_connection_file",
     "serve",
+    "start_service",
     "token_expiry",
 ]
 
 log = logging.getLogger(__name__)
 
-SERVICE_ID = "cellpose-finetuning"
-SERVICE_USER = "cellpose-service"
-#: The embedded stack registers the service where the original lived, so the
-#: contract's ``get_service("bioimage-io/cellpose-finetuning")`` works verbatim.
-DEFAULT_WORKSPACE = "bioimage-io"
-#: ...and its default export collection, ``bioimage-io/colab-annotations``.
-DEFAULT_COLLECTION_ALIAS = "colab-annotations"
-MIN_TOKEN_LIFETIME_S = 24 * 3600
 #: Signals that stop ``serve``: Ctrl-C, a supervisor's stop, a closed terminal.
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
 #: Seconds running trainings get to stop and save their weights.
@@ -79,91 +99,15 @@ RAY_STOP_TIMEOUT = 60.0
 class ServeOptions:
     """What ``serve`` needs."""
 
-    data_dir: Path = field(default_factory=lambda: Path.home() / ".cellpose-finetuning")
+    data_dir: Path = field(default_factory=lambda: DEFAULT_DATA_DIR)
     stack: StackConfig | None = None  # None with server_url: use an existing server
     server_url: str | None = None
     workspace: str | None = None
     token: str | None = None
-    user: str = "local-user"
+    user: str = DEFAULT_USER
     service_config: dict[str, Any] = field(default_factory=dict)
     backend: str = "local"  # "local" or "ray"
     ray: RayOptions | None = None  # with backend="ray"; defaults when None
-
-
-def token_expiry(token: str) -> float | None:
-    """The ``exp`` claim of a JWT (unverified), or None."""
-    from jose import jwt
-
-    try:
-        exp = jwt.get_unverified_claims(token).get("exp")
-    except Exception:
-        return None
-    return float(exp) if exp else None
-
-
-def _write_private(path: Path, data: dict[str, Any]) -> None:
-    tmp = path.with_suffix(".tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "w") as fh:
-        json.dump(data, fh, indent=1)
-    os.replace(tmp, path)
-
-
-async def _workspace_connection(admin: Any, server_url: str, workspace: str) -> Any:
-    """Create ``workspace`` (owned by the service) if needed and connect to it."""
-    from hypha_rpc import connect_to_server
-
-    try:
-        await admin.create_workspace(
-            {
-                "id": workspace,
-                "name": workspace,
-                "description": "cellpose-finetuning service",
-                "owners": [SERVICE_USER],
-                "persistent": True,
-            }
-        )
-    except Exception as exc:
-        if "exist" not in str(exc).lower():
-            raise
-    token = await admin.generate_token({"workspace": workspace, "expires_in": 365 * 24 * 3600})
-    return await connect_to_server(
-        {"server_url": server_url, "token": token, "workspace": workspace}
-    )
-
-
-async def _ensure_collection(server: Any, alias: str) -> None:
-    """Create the default model collection of the workspace if it is missing.
-
-    Anyone may read it; logged-in users may add models (through the service,
-    which checks this again for each export).
-    """
-    am = await server.get_service("public/artifact-manager")
-    try:
-        await am.read(f"{server.config.workspace}/{alias}")
-    except Exception:
-        await am.create(
-            type="collection",
-            alias=alias,
-            manifest={
-                "name": "Cellpose fine-tuned models",
-                "description": "BioImage.IO models exported by cellpose-finetuning",
-            },
-            config={"permissions": {"*": "r", "@": "r+"}},
-        )
-
-
-def _connection_user(server: Any) -> str | None:
-    """The user id that artifacts created through a connection carry as ``created_by``.
-
-    Hypha records the *effective* user: the parent of a child token
-    (``generate_token``, as BioEngine deployments use), else the user itself.
-    """
-    user = (getattr(server, "config", None) or {}).get("user") or {}
-    if not isinstance(user, dict):
-        return None
-    uid = user.get("parent") or user.get("id")
-    return str(uid) if uid else None
 
 
 async def start_service(
@@ -177,8 +121,11 @@ async def start_service(
     """Connect, build and register the service.
 
     The service reads artifacts through the connection of ``token`` (on the
-    embedded stack an admin identity) and registers in ``workspace``
-    (created if missing) or the token's own workspace. ``executors``
+    embedded stack an admin identity) and registers in ``workspace`` or the
+    token's own workspace. ``workspace`` and its default collection are
+    created if missing, or checked (owned by the token's user), by
+    :func:`~cellpose_finetuning.deploy.stack.provisioning.provision`, the
+    embedded stack's own provisioning. ``executors``
     (``inference``, ``training``) replace the in-process ones, e.g. with
     the Ray backend's.
 
@@ -194,16 +141,14 @@ async def start_service(
     admin = await connect_to_server({"server_url": server_url, "token": token})
     server = admin
     if workspace and workspace != admin.config.workspace:
-        server = await _workspace_connection(admin, server_url, workspace)
+        server = await provision(admin, server_url, workspace, DEFAULT_COLLECTION_ALIAS)
     am = await admin.get_service("public/artifact-manager")
-    if workspace and server is not admin:
-        await _ensure_collection(server, DEFAULT_COLLECTION_ALIAS)
     service = CellposeService(
         ServiceConfig(data_dir=data_dir, **service_config),
         artifact_manager=am,
         server_url=server_url,
         owners=WorkspaceOwners(
-            lookup=admin.get_workspace_info, service_user=_connection_user(admin)
+            lookup=admin.get_workspace_info, service_user=connection_user(admin)
         ),
         **(executors or {}),
     )
@@ -229,13 +174,6 @@ def _backend_line(ray_backend: RayBackend | None) -> str:
     if o.max_inference_replicas and o.max_inference_replicas > o.inference_replicas:
         replicas += f"-{o.max_inference_replicas}"
     return f"ray ({where}; {replicas} inference replicas, {o.replica_gpus:g} GPU each)"
-
-
-def mask_token(token: str) -> str:
-    """``token`` with all but its first and last few characters hidden."""
-    if len(token) <= 16:
-        return "*" * len(token)
-    return f"{token[:6]}...{token[-4:]}"
 
 
 def _token_line(token: str, user: str, connection_file: Path, interactive: bool) -> str:
@@ -432,8 +370,7 @@ async def _shutdown(
         )
         await _in_thread(lambda: stack.stop(force=force.is_set()))
         done.append("Hypha and SeaweedFS " + ("killed" if force.is_set() else "stopped") + took())
-    with contextlib.suppress(FileNotFoundError):
-        (data_dir / "connection.json").unlink()
+    remove_connection_file(data_dir)
     if own_process:
         killed = await _in_thread(lambda: _kill_children(0.0 if force.is_set() else 5.0))
         if killed:
@@ -483,10 +420,7 @@ async def _start(
         token = options.token or os.environ.get("HYPHA_TOKEN")
         if not token:
             raise StackError("no token: pass --token or set HYPHA_TOKEN")
-        exp = token_expiry(token)
-        if exp is not None and exp - time.time() < MIN_TOKEN_LIFETIME_S:
-            when = datetime.fromtimestamp(exp, UTC).isoformat()
-            raise StackError(f"the token expires at {when}, in less than a day; get a fresh one")
+        check_token_lifetime(token)
         user_token = None
         workspace = options.workspace
     else:
@@ -495,27 +429,31 @@ async def _start(
         state.stack = EmbeddedStack(cfg)
         await _in_thread(state.stack.start)
         server_url = state.stack.server_url
-        token = state.stack.token(SERVICE_USER, expires_in=365 * 24 * 3600, roles=("admin",))
+        token = state.stack.token(
+            cfg.service_user, expires_in=SERVICE_TOKEN_LIFETIME_S, roles=("admin",)
+        )
         user_token = state.stack.token(options.user)
-        workspace = options.workspace or DEFAULT_WORKSPACE
+        workspace = options.workspace or cfg.workspace
     state.admin, state.server, state.service, info = await start_service(
         server_url, token, data_dir, options.service_config, workspace, executors
     )
     workspace = state.server.config.workspace
-    return {
-        "server_url": server_url,
+    fields: dict[str, Any] = {
         "workspace": workspace,
         "service_id": f"{workspace}/{SERVICE_ID}",
         "full_service_id": info["id"],
-        "page_url": state.stack.page_url if state.stack else None,
-        "s3_endpoint": state.stack.s3_endpoint if state.stack else None,
-        "user": options.user if user_token else None,
-        "token": user_token,
-        "data_dir": str(data_dir),
-        "pid": os.getpid(),
         "backend": options.backend,
-        "started_at": datetime.now(UTC).isoformat(),
+        "started_at": datetime.now(UTC),
     }
+    if state.stack is not None:
+        return state.stack.connection_record(user=options.user, token=user_token, **fields)
+    provisioned = state.server is not state.admin
+    return connection_record(
+        server_url=server_url,
+        data_dir=data_dir,
+        collection=f"{workspace}/{DEFAULT_COLLECTION_ALIAS}" if provisioned else None,
+        **fields,
+    )
 
 
 async def serve(
@@ -578,8 +516,7 @@ async def serve(
         if startup.cancelled() or (stop.is_set() and startup.exception() is not None):
             return result
         connection = startup.result()
-        connection_file = data_dir / "connection.json"
-        _write_private(connection_file, connection)
+        connection_file = write_connection_file(data_dir, connection)
         workspace = connection["workspace"]
         user_token = connection["token"]
         print(
