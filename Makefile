@@ -43,8 +43,12 @@ lock:
 	rm -rf .venv-lock
 	$(MAKE) test
 
+# The default suite, then the built wheel in a fresh venv per extra (tests/packaging/
+# test_install.py: marked slow, minutes on 2 cores, so it runs once here rather than in
+# every `pytest`; CI runs `make test`, so it runs both).
 test: setup
 	$(PY) -m pytest
+	$(PY) -m pytest -m slow tests/packaging/test_install.py
 
 test-slow: setup
 	$(PY) -m pytest -m slow
@@ -53,7 +57,8 @@ test-all: setup
 	$(PY) -m pytest -m "slow or not slow"
 
 # The built wheel in a fresh venv per extra (base, client, export, server): imports and
-# `demo` from outside the checkout (tests/packaging/test_install.py, marked slow).
+# `demo` from outside the checkout (tests/packaging/test_install.py, marked slow; installs
+# with uv, torch downloaded once into uv's cache). `make test` runs it too.
 test-install: setup
 	$(PY) -m pytest tests/packaging/test_install.py -m slow -v -rA
 
