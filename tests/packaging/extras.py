@@ -25,7 +25,7 @@ EXTRAS_OF: dict[str, frozenset[str]] = {
     "cellpose_finetuning/deploy/health.py": frozenset({"client"}),
     "cellpose_finetuning/deploy/bioengine.py": frozenset({"client"}),
     # the CLI's remote and bioengine commands import hypha-rpc lazily
-    "cellpose_finetuning/cli.py": frozenset({"client"}),
+    "cellpose_finetuning/cli/": frozenset({"client"}),
     "cellpose_finetuning/export/": frozenset({"export"}),
     "cellpose_finetuning/deploy/stack.py": frozenset({"server"}),
     "cellpose_finetuning/deploy/testing.py": frozenset({"server"}),
