@@ -4,7 +4,7 @@ Built on click (argument parsing, help pages) and tqdm (progress bars).
 Errors print as one line and exit non-zero; ``--verbose`` adds the traceback.
 
 One module per command group: :mod:`.training` (init-model, train, continue,
-status, stop), :mod:`.inference` (infer, evaluate), :mod:`.export`,
+status, stop; :mod:`.following` shows a run), :mod:`.inference` (infer, evaluate), :mod:`.export`,
 :mod:`.stack` (serve, token, health), :mod:`.remote`, :mod:`.demo` and
 :mod:`.bioengine`; :mod:`.options` makes the options of the settings models.
 """

@@ -6,19 +6,14 @@ follows it with a progress bar (Ctrl-C asks the run to stop).
 
 from __future__ import annotations
 
-import sys
 import time
 from pathlib import Path
 from typing import Any
 
 import click
 
-from cellpose_finetuning.cli.options import (
-    EXIT_FAILED,
-    friendly_errors,
-    recipe_options,
-    settings_option,
-)
+from cellpose_finetuning.cli.following import echo_warnings, follow, report
+from cellpose_finetuning.cli.options import friendly_errors, recipe_options, settings_option
 from cellpose_finetuning.engine.schemas import TrainingSettings
 
 
@@ -66,91 +61,6 @@ def local_pairs(images: str, annotations: str, images_arg: str, annotations_arg:
     return pair_local_specs(
         images, annotations, images_arg=images_arg, annotations_arg=annotations_arg
     )
-
-
-def _echo_warnings(session: Any) -> None:
-    """Say before a run starts when its settings cannot plausibly change the model."""
-    from cellpose_finetuning.engine.recipes import model_architecture, settings_warnings
-
-    settings = session.settings
-    arch = model_architecture(settings.model)
-    for warning in settings_warnings(settings, arch=arch, n_train=len(session.data.train)):
-        click.echo(f"Warning: {warning}", err=True)
-
-
-def _echo_ap_change(status: Any) -> None:
-    """The last line of a run: "Fine-tuning: AP@0.5 0.31 → 0.62 (+0.31)"."""
-    from cellpose_finetuning.engine.metrics import ap_change
-
-    change = ap_change(status.base_instance_metrics, status.instance_metrics)
-    if change:
-        click.echo(f"Fine-tuning on the test set: {change}")
-
-
-def _follow(session: Any, worker: Any, as_json: bool) -> Any:
-    """Show a progress bar until the worker ends; Ctrl-C asks the run to stop."""
-    from tqdm import tqdm
-
-    status = session.read_status()
-    bar = tqdm(
-        total=status.total_epochs or 0,
-        initial=status.current_epoch or 0,
-        unit="epoch",
-        disable=as_json,
-        dynamic_ncols=True,
-    )
-    last_mtime = 0.0
-    try:
-        while worker.is_alive():
-            worker.process.join(0.25)
-            try:
-                mtime = session.status_file.stat().st_mtime
-            except FileNotFoundError:
-                continue
-            if mtime == last_mtime:
-                continue
-            last_mtime = mtime
-            status = session.read_status(reconcile=False)
-            bar.total = status.total_epochs or bar.total
-            bar.n = status.current_epoch or 0
-            postfix: dict[str, str] = {"state": status.status_type}
-            if status.train_losses:
-                postfix["loss"] = f"{status.train_losses[-1]:.4f}"
-            f1 = next((m.f1 for m in reversed(status.test_metrics) if m), None)
-            if f1 is not None:
-                postfix["F1"] = f"{f1:.3f}"
-            bar.set_postfix(postfix, refresh=False)
-            bar.set_description(status.status_type)
-            bar.refresh()
-    except KeyboardInterrupt:
-        session.request_stop()
-        click.echo("\nStopping after the current batch (Ctrl-C again to abort)...", err=True)
-        worker.process.join()
-    finally:
-        status = worker.wait()
-        bar.n = status.current_epoch or 0
-        bar.refresh()
-        bar.close()
-    return status
-
-
-def _report(status: Any, session: Any, as_json: bool) -> None:
-    if as_json:
-        click.echo(status.model_dump_json(indent=1))
-    else:
-        click.echo(f"[{status.status_type}] {status.message}")
-        if status.instance_metrics:
-            im = status.instance_metrics
-            click.echo(
-                f"Test set: AP@0.5={im.ap_0_5:.3f} AP@0.75={im.ap_0_75:.3f} "
-                f"AP@0.9={im.ap_0_9:.3f} ({im.n_pred} predicted, {im.n_true} true objects)"
-            )
-        click.echo(f"Session: {session.path}")
-        if session.curves_file.is_file():
-            click.echo(f"Curves:  {session.curves_file}")
-        _echo_ap_change(status)
-    if status.status_type == "failed":
-        sys.exit(EXIT_FAILED)
 
 
 def _cellpose_dir(
@@ -220,12 +130,12 @@ def run_local_training(
             "test_annotations": test_annotations,
         },
     )
-    _echo_warnings(session)
+    echo_warnings(session)
     worker = start_worker(session)
     if detach:
         click.echo(f"Started {session.path} (worker pid {worker.pid})")
         return
-    _report(_follow(session, worker, as_json), session, as_json)
+    report(follow(session, worker, as_json), session, as_json)
 
 
 # --------------------------------------------------------------------------- train
@@ -389,7 +299,7 @@ def continue_(session_dir: Path, n_epochs: int | None, detach: bool, as_json: bo
     if detach:
         click.echo(f"Continuing {session.path} (worker pid {worker.pid})")
         return
-    _report(_follow(session, worker, as_json), session, as_json)
+    report(follow(session, worker, as_json), session, as_json)
 
 
 # --------------------------------------------------------------------------- status, stop
