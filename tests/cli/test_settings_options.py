@@ -225,3 +225,43 @@ def test_an_out_of_bounds_value_is_refused_before_anything_runs(tmp_path):
     )
     assert result.exit_code == 2 and "--batch-size" in result.output
     assert "1<=x<=256" in result.output
+
+
+#: serve's options -> ServiceConfig's fields, and -> RayOptions' (the service's own limits).
+SERVE_SERVICE = {
+    "max_concurrent_trainings": "max_concurrent_trainings",
+    "max_active_sessions_per_user": "max_active_sessions_per_user",
+    "max_epochs": "max_epochs",
+    "max_pixels": "max_pixels",
+    "max_files": "max_files",
+    "max_sessions_per_user": "max_sessions_per_user",
+    "max_waiting_infers_per_user": "max_waiting_infers_per_user",
+    "training_time_slice": "training_time_slice_s",
+}
+SERVE_RAY = {
+    "ray_address": "address",
+    "ray_num_cpus": "num_cpus",
+    "ray_num_gpus": "num_gpus",
+    "inference_replicas": "inference_replicas",
+    "max_inference_replicas": "max_inference_replicas",
+    "replica_cpus": "replica_cpus",
+    "replica_gpus": "replica_gpus",
+    "training_cpus": "training_cpus",
+    "training_gpus": "training_gpus",
+    "max_queued_trainings": "max_queued_trainings",
+}
+
+
+def test_serve_defaults_are_the_service_and_ray_backend_defaults():
+    """serve copies these by hand (the service's config is too heavy to import for --help)."""
+    import dataclasses
+
+    from cellpose_finetuning.deploy.ray_backend import RayOptions
+    from cellpose_finetuning.service.api import ServiceConfig
+
+    params = {p.name: p for p in _command(("serve",)).params}
+    for option, field in SERVE_SERVICE.items():
+        assert params[option].default == ServiceConfig.model_fields[field].default, option
+    ray = {f.name: f.default for f in dataclasses.fields(RayOptions)}
+    for option, field in SERVE_RAY.items():
+        assert params[option].default == ray[field], option
