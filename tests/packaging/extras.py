@@ -29,7 +29,7 @@ EXTRAS_OF: dict[str, frozenset[str]] = {
     "cellpose_finetuning/deploy/health.py": frozenset({"client"}),
     "cellpose_finetuning/deploy/bioengine.py": frozenset({"client"}),
     # the CLI's remote and bioengine commands import hypha-rpc lazily
-    "cellpose_finetuning/cli.py": frozenset({"client"}),
+    "cellpose_finetuning/cli/": frozenset({"client"}),
     "cellpose_finetuning/export/": frozenset({"export"}),
     # the stack's processes: SeaweedFS (boto3), Hypha, the directory lock
     "cellpose_finetuning/deploy/stack/embedded.py": frozenset({"server"}),
