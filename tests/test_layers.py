@@ -38,7 +38,7 @@ def _package_of(path: Path) -> str:
 
 
 def _imports(path: Path) -> set[str]:
-    """Top-level packages of ``cellpose_finetuning`` that ``path`` imports (also inside functions)."""
+    """Packages of ``cellpose_finetuning`` that ``path`` imports (also inside functions)."""
     out = set()
     for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
         if isinstance(node, ast.ImportFrom) and node.module:

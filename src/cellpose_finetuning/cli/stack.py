@@ -14,7 +14,12 @@ from pathlib import Path
 
 import click
 
-from cellpose_finetuning.cli.options import EXIT_FAILED, data_dir_option, friendly_errors
+from cellpose_finetuning.cli.options import (
+    EXIT_FAILED,
+    data_dir_option,
+    friendly_errors,
+    settings_option,
+)
 from cellpose_finetuning.names import (
     DEFAULT_HYPHA_PORT,
     DEFAULT_S3_PORT,
@@ -24,6 +29,7 @@ from cellpose_finetuning.names import (
     WEED_MASTER_PORT,
     WEED_VOLUME_PORT,
 )
+from cellpose_finetuning.service.config import ServiceConfig
 
 
 @click.command()
@@ -46,37 +52,13 @@ from cellpose_finetuning.names import (
 )
 @click.option("--workspace", default=None, help="Workspace on --server-url.")
 @click.option("--token", default=None, help="Token for --server-url (default: $HYPHA_TOKEN).")
-@click.option("--max-concurrent-trainings", type=int, default=1, show_default=True)
-@click.option("--max-active-sessions-per-user", type=int, default=3, show_default=True)
-@click.option("--max-epochs", type=int, default=1000, show_default=True)
-@click.option(
-    "--max-pixels",
-    type=int,
-    default=64 * 1024 * 1024,
-    show_default=True,
-    help="Largest image accepted, in values (all axes).",
-)
-@click.option(
-    "--max-files",
-    type=int,
-    default=50_000,
-    show_default=True,
-    help="Most files a dataset listing may have.",
-)
-@click.option(
-    "--max-sessions-per-user",
-    type=int,
-    default=100,
-    show_default=True,
-    help="Training sessions a user may keep (any state).",
-)
-@click.option(
-    "--max-waiting-infers-per-user",
-    type=int,
-    default=32,
-    show_default=True,
-    help="infer calls of one user that may wait; more are refused.",
-)
+@settings_option(ServiceConfig, "max_concurrent_trainings")
+@settings_option(ServiceConfig, "max_active_sessions_per_user")
+@settings_option(ServiceConfig, "max_epochs")
+@settings_option(ServiceConfig, "max_pixels")
+@settings_option(ServiceConfig, "max_files")
+@settings_option(ServiceConfig, "max_sessions_per_user")
+@settings_option(ServiceConfig, "max_waiting_infers_per_user")
 @click.option(
     "--training-time-slice",
     type=float,

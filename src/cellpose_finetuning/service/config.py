@@ -13,11 +13,15 @@ class ServiceConfig(BaseModel):
     """Where the service keeps its state, and its limits."""
 
     data_dir: Path
-    max_concurrent_trainings: int = Field(1, ge=1)
-    max_active_sessions_per_user: int = Field(3, ge=1)
-    max_epochs: int = Field(1000, ge=1)
-    max_pixels: int = Field(64 * 1024 * 1024, ge=1, description="Per image, all axes.")
-    max_files: int = Field(50_000, ge=1, description="Files per dataset listing.")
+    max_concurrent_trainings: int = Field(1, ge=1, description="Trainings that run at once.")
+    max_active_sessions_per_user: int = Field(
+        3, ge=1, description="Sessions a user may have waiting, preparing or running."
+    )
+    max_epochs: int = Field(1000, ge=1, description="Most epochs a training may ask for.")
+    max_pixels: int = Field(
+        64 * 1024 * 1024, ge=1, description="Largest image accepted, in values (all axes)."
+    )
+    max_files: int = Field(50_000, ge=1, description="Most files a dataset listing may have.")
     max_images_per_call: int = Field(64, ge=1)
     worker_threads: int | None = Field(None, description="Torch threads per training worker.")
     inference_concurrency: int = Field(1, ge=1)
