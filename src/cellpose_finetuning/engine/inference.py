@@ -16,14 +16,13 @@ planes stitched into 3D objects where masks overlap by more than
 
 from __future__ import annotations
 
-import asyncio
 import os
 import threading
 from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -40,8 +39,6 @@ if TYPE_CHECKING:
     from cellpose.models import CellposeModel
 
 __all__ = [
-    "InferenceExecutor",
-    "LocalInference",
     "ModelCache",
     "ModelRef",
     "ModelResolver",
@@ -387,54 +384,3 @@ def segment_many(
             for img, n in zip(images, names, strict=True)
         ]
     return [segment(model, img, settings, name=n) for img, n in zip(images, names, strict=True)]
-
-
-class InferenceExecutor(Protocol):
-    """Where the service's ``infer`` runs: in this process, or on Ray Serve replicas."""
-
-    async def segment(
-        self,
-        ref: ModelRef,
-        images: Sequence[np.ndarray],
-        names: Sequence[str],
-        settings: InferenceSettings,
-    ) -> list[np.ndarray]:
-        """Segment ``images`` with the model behind ``ref``."""
-        ...
-
-    async def close(self) -> None:
-        """Release what the executor holds."""
-        ...
-
-
-class LocalInference:
-    """Run inference in this process, in worker threads, a few calls at a time.
-
-    Parameters
-    ----------
-    device : str, optional
-        Torch device for every model.
-    concurrency : int
-        Calls segmenting at once; the rest wait their turn.
-    max_models : int
-        Models kept loaded.
-    """
-
-    def __init__(self, device: str | None = None, concurrency: int = 1, max_models: int = 2):
-        self.models = ModelCache(max_models=max_models, device=device)
-        self._sem = asyncio.Semaphore(concurrency)
-
-    async def segment(
-        self,
-        ref: ModelRef,
-        images: Sequence[np.ndarray],
-        names: Sequence[str],
-        settings: InferenceSettings,
-    ) -> list[np.ndarray]:
-        """Load (or reuse) the model and segment ``images`` in a worker thread."""
-        async with self._sem:
-            model = await asyncio.to_thread(self.models.get, ref)
-            return await asyncio.to_thread(segment_many, model, images, settings, names)
-
-    async def close(self) -> None:
-        """Nothing to release: models go with the process."""

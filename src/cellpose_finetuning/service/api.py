@@ -41,18 +41,10 @@ from cellpose_finetuning.data.pairing import (
     spec_dir,
 )
 from cellpose_finetuning.engine.inference import (
-    InferenceExecutor,
-    LocalInference,
     ModelRef,
     ModelResolver,
     Segmentation,
     check_input_size,
-)
-from cellpose_finetuning.engine.queue import (
-    FairGate,
-    SessionQueue,
-    TrainingExecutor,
-    TrainingQueue,
 )
 from cellpose_finetuning.engine.recipes import (
     RECIPES,
@@ -85,6 +77,14 @@ from cellpose_finetuning.errors import (
     ResourceLimit,
 )
 from cellpose_finetuning.io.images import read_image, to_canonical
+from cellpose_finetuning.scheduler import (
+    FairGate,
+    InferenceExecutor,
+    LocalInference,
+    SessionQueue,
+    TrainingExecutor,
+    TrainingQueue,
+)
 from cellpose_finetuning.service.auth import (
     Caller,
     WorkspaceOwners,
