@@ -23,7 +23,7 @@ from cellpose_finetuning.engine.inference import ModelRef
 from cellpose_finetuning.engine.schemas import InferenceSettings
 from cellpose_finetuning.io.images import read_image
 from cellpose_finetuning.scheduler import LocalInference
-from tests.conftest import follow_status
+from tests.helpers import follow_status
 
 pytestmark = pytest.mark.stack
 

@@ -17,7 +17,7 @@ from cellpose_finetuning.io.images import (
     write_image,
 )
 from cellpose_finetuning.io.masks import read_mask, validate_mask, write_mask
-from tests.conftest import forge_tiff_size
+from tests.helpers import forge_tiff_size
 
 RNG = np.random.default_rng(0)
 
