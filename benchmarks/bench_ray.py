@@ -52,8 +52,9 @@ def worker(cfg: dict[str, Any]) -> None:
     import numpy as np
 
     from cellpose_finetuning.deploy.ray_backend import RayBackend, RayOptions
-    from cellpose_finetuning.engine.inference import LocalInference, ModelRef
+    from cellpose_finetuning.engine.inference import ModelRef
     from cellpose_finetuning.engine.schemas import InferenceSettings
+    from cellpose_finetuning.scheduler import LocalInference
 
     set_torch_threads()
     image = dev_image(cfg["size"])[None]

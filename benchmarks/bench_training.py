@@ -113,7 +113,7 @@ def _engine(cfg: dict[str, Any]) -> dict[str, Any]:
     validations: list[float] = []
     metrics: list[float] = []
     if cfg["validate"]:
-        _timed_attr(getattr(training, "_Loop", None), "validate", validations)
+        _timed_attr(getattr(training, "EpochLoop", None), "validate", validations)
         _timed_attr(training, "_instance_metrics", metrics)
     session = create_local_session(
         out=cfg["out"],

@@ -78,58 +78,6 @@ def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return path
 
 
-def wait_until(predicate, timeout: float = 120.0, interval: float = 0.1):
-    """Poll ``predicate`` until it returns a truthy value (status files have no events)."""
-    import time
-
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(interval)
-    raise TimeoutError(f"condition not met within {timeout} s")
-
-
-def forge_tiff_size(path, height: int, width: int) -> None:
-    """Rewrite a small TIFF's header so that it declares ``height x width`` pixels.
-
-    Gives a few-hundred-byte file that claims gigabytes, to test that readers
-    refuse it from the header without reading or allocating the pixels.
-    """
-    import struct
-
-    import tifffile
-
-    with tifffile.TiffFile(path) as tif:
-        tags = tif.pages[0].tags
-        fields = [(tags[n].valueoffset, int(tags[n].dtype)) for n in ("ImageLength", "ImageWidth")]
-    data = bytearray(path.read_bytes())
-    for (offset, dtype), value in zip(fields, (height, width), strict=True):
-        struct.pack_into("<H" if dtype == 3 else "<I", data, offset, value)
-    path.write_bytes(bytes(data))
-
-
-async def follow_status(svc, session_id: str, done=None, interval: float = 0.5, timeout=600):
-    """Poll a service's ``get_training_status`` until ``done(status)``.
-
-    Returns the last status and every status seen (RPC status has no events).
-    """
-    import asyncio
-    import time
-
-    done = done or (lambda st: st["status_type"] in ("completed", "failed"))
-    deadline = time.monotonic() + timeout
-    seen = []
-    while time.monotonic() < deadline:
-        status = await svc.get_training_status(session_id)
-        seen.append(status)
-        if done(status):
-            return status, seen
-        await asyncio.sleep(interval)
-    raise TimeoutError(f"session {session_id} not done within {timeout} s: {seen[-1]}")
-
-
 @pytest.fixture(scope="session")
 def demo_run(tmp_path_factory: pytest.TempPathFactory, dev_data: Path) -> tuple[Path, str]:
     """`cellpose-finetuning demo` as a user runs it (seeded, default settings), once.

@@ -19,10 +19,11 @@ import pytest
 
 from cellpose_finetuning.client import upload_folder
 from cellpose_finetuning.deploy.ray_backend import RayOptions, replica_actors
-from cellpose_finetuning.engine.inference import LocalInference, ModelRef
+from cellpose_finetuning.engine.inference import ModelRef
 from cellpose_finetuning.engine.schemas import InferenceSettings
 from cellpose_finetuning.io.images import read_image
-from tests.conftest import follow_status
+from cellpose_finetuning.scheduler import LocalInference
+from tests.helpers import follow_status
 
 pytestmark = pytest.mark.stack
 

@@ -21,7 +21,7 @@ from cellpose_finetuning.engine.training import (
     validation_epochs,
 )
 from cellpose_finetuning.errors import InvalidInput
-from tests.conftest import wait_until
+from tests.helpers import wait_until
 
 
 def _session(tmp_path: Path, train, test=(), **settings) -> Session:

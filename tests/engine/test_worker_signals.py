@@ -7,7 +7,7 @@ import signal
 
 from cellpose_finetuning.engine.runs import create_local_session
 from cellpose_finetuning.engine.training import start_worker
-from tests.conftest import wait_until
+from tests.helpers import wait_until
 
 
 def test_ctrl_c_reaching_the_worker_leaves_the_stop_to_its_parent(

@@ -23,7 +23,7 @@ from cellpose_finetuning.io.annotations import (
     read_seg_npy,
     write_outputs,
 )
-from cellpose_finetuning.io.images import read_mask, validate_mask
+from cellpose_finetuning.io.masks import read_mask, validate_mask
 
 SPLITS = {
     "train": ["bacteria_t15", "bacteria_t17", "nuclei_00", "nuclei_01", "nuclei_02"],

@@ -13,13 +13,11 @@ from cellpose_finetuning.io.images import (
     infer_axes,
     is_image_file,
     read_image,
-    read_mask,
     to_canonical,
-    validate_mask,
     write_image,
-    write_mask,
 )
-from tests.conftest import forge_tiff_size
+from cellpose_finetuning.io.masks import read_mask, validate_mask, write_mask
+from tests.helpers import forge_tiff_size
 
 RNG = np.random.default_rng(0)
 

@@ -3,28 +3,14 @@
 from __future__ import annotations
 
 import asyncio
-import random
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 
-from cellpose_finetuning.deploy.stack import EmbeddedStack, StackConfig, port_is_free
-
-
-def free_ports(n: int) -> list[int]:
-    """``n`` ports that are free, each with port + 10000 free too (SeaweedFS gRPC).
-
-    Both stay below Linux's ephemeral range (32768+), so an outgoing connection
-    cannot take a chosen port between this check and the server's bind.
-    """
-    ports: list[int] = []
-    while len(ports) < n:
-        p = random.randint(11000, 22000)
-        if p not in ports and port_is_free(p) and port_is_free(p + 10000):
-            ports.append(p)
-    return ports
+from cellpose_finetuning.deploy.stack import EmbeddedStack, StackConfig
+from tests.helpers import free_ports
 
 
 @dataclass

@@ -11,7 +11,7 @@ import pytest
 import tifffile
 
 from cellpose_finetuning.client import upload_folder
-from tests.conftest import follow_status
+from tests.helpers import follow_status
 
 pytestmark = pytest.mark.stack
 

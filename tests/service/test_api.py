@@ -9,7 +9,7 @@ import pytest
 import tifffile
 
 from cellpose_finetuning.client import follow, upload_folder
-from tests.conftest import follow_status
+from tests.helpers import follow_status
 
 pytestmark = pytest.mark.stack
 
@@ -233,8 +233,7 @@ async def test_stop_and_continue(alice, dataset):
         n_epochs=400,
     )
     sid = started["session_id"]
-    while (await svc.get_training_status(sid)).get("current_epoch", 0) < 1:
-        await asyncio.sleep(0.3)
+    await follow_status(svc, sid, done=lambda st: (st.get("current_epoch") or 0) >= 1, interval=0.3)
     await svc.stop_training(sid)
     stopped = await follow(svc, sid, interval=0.3, show_progress=False)
     assert stopped["status_type"] == "stopped"

@@ -10,7 +10,7 @@ import pytest
 import tifffile
 
 from cellpose_finetuning.client import follow, upload_folder
-from tests.conftest import forge_tiff_size
+from tests.helpers import forge_tiff_size
 
 pytestmark = pytest.mark.stack
 

@@ -13,13 +13,15 @@ import pytest
 import tifffile
 
 from cellpose_finetuning.client import follow, upload_folder
+from tests.helpers import follow_status
 
 pytestmark = pytest.mark.stack
 
 
 async def _wait_epoch(svc, sid: str, epoch: int) -> None:
-    while ((await svc.get_training_status(sid)).get("current_epoch") or 0) < epoch:
-        await asyncio.sleep(0.2)
+    await follow_status(
+        svc, sid, done=lambda st: (st.get("current_epoch") or 0) >= epoch, interval=0.2
+    )
 
 
 async def test_killed_worker_fails_the_session_which_continues_and_the_service_serves_on(

@@ -9,7 +9,7 @@ import pytest
 
 from cellpose_finetuning.client import follow, upload_folder
 from cellpose_finetuning.deploy.serve import ServeOptions, read_connection_file, serve
-from tests.service.conftest import free_ports
+from tests.helpers import follow_status, free_ports
 
 pytestmark = pytest.mark.stack
 
@@ -124,8 +124,7 @@ async def test_restart_during_a_training_run_loses_nothing(tmp_path, tiny_model,
             n_epochs=500,
         )
         sid = running["session_id"]
-        while ((await svc.get_training_status(sid)).get("current_epoch") or 0) < 1:
-            await asyncio.sleep(0.2)
+        await follow_status(svc, sid, done=lambda st: (st.get("current_epoch") or 0) >= 1)
         await server.disconnect()
     finally:
         stop.set()

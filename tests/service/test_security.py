@@ -19,7 +19,7 @@ import tifffile
 
 from cellpose_finetuning.client import upload_folder
 from cellpose_finetuning.data.artifacts import upload_files
-from tests.conftest import follow_status
+from tests.helpers import follow_status
 
 pytestmark = pytest.mark.stack
 

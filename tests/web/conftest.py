@@ -229,17 +229,6 @@ def screenshot_dir(tmp_path_factory) -> Path:
     return path
 
 
-def save_screenshot(page, path: Path, *, full_page: bool = True) -> Path:
-    """A screenshot, reduced to a 128-colour PNG so that the docs stay small."""
-    from PIL import Image
-
-    page.screenshot(path=str(path), full_page=full_page)
-    with Image.open(path) as img:
-        small = img.convert("RGB").quantize(colors=128, method=Image.Quantize.MEDIANCUT)
-    small.save(path, optimize=True)
-    return path
-
-
 # --------------------------------------------------------------------------- static files only
 class _QuietHandler(http.server.SimpleHTTPRequestHandler):
     def log_message(self, *args: object) -> None:

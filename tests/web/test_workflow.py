@@ -21,7 +21,7 @@ import numpy as np
 import pytest
 import tifffile
 
-from tests.web.conftest import save_screenshot
+from tests.helpers import save_screenshot
 
 pytestmark = pytest.mark.ui
 

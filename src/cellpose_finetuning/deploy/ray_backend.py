@@ -46,12 +46,12 @@ from typing import Any
 
 import numpy as np
 
-from cellpose_finetuning.engine.inference import LocalInference, ModelRef
-from cellpose_finetuning.engine.queue import SessionQueue
+from cellpose_finetuning.engine.inference import ModelRef
 from cellpose_finetuning.engine.schemas import InferenceSettings
 from cellpose_finetuning.engine.sessions import Session
 from cellpose_finetuning.errors import CellposeFinetuningError, InvalidInput
 from cellpose_finetuning.names import SERVICE_ID
+from cellpose_finetuning.scheduler import LocalInference, SessionQueue
 
 __all__ = [
     "InferenceReplica",

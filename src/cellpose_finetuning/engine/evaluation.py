@@ -99,7 +99,8 @@ def load_labelled(
     InvalidInput
         For a stack (evaluation is 2D) or a mask that does not fit its image.
     """
-    from cellpose_finetuning.io.images import read_image, read_mask
+    from cellpose_finetuning.io.images import read_image
+    from cellpose_finetuning.io.masks import read_mask
 
     if not pairs:
         raise InvalidInput("images", "no labelled images to evaluate on")

@@ -185,7 +185,7 @@ def settings_warnings(
     list of str
         Empty when nothing looks wrong.
     """
-    from cellpose_finetuning.engine.training import lr_schedule
+    from cellpose_finetuning.engine.schedules import lr_schedule
 
     out = []
     lr = settings.learning_rate

@@ -15,9 +15,10 @@ from pydantic import ValidationError
 
 from cellpose_finetuning.data.pairing import select_samples
 from cellpose_finetuning.engine.models import PRETRAINED_MODELS
+from cellpose_finetuning.engine.resolver import ModelResolver
 from cellpose_finetuning.engine.schemas import TrainingSettings
 from cellpose_finetuning.engine.sessions import DataSpec, Session, SessionStore
-from cellpose_finetuning.errors import InvalidInput
+from cellpose_finetuning.errors import InvalidInput, NotFound
 
 __all__ = [
     "create_local_session",
@@ -64,21 +65,22 @@ def validate_settings(values: dict[str, Any], *, has_test_data: bool) -> Trainin
 def resolve_base_model(model: str) -> str:
     """The base model as the worker will load it: ``cpsam`` or an absolute file path.
 
-    A session directory stands for its best checkpoint.
+    Resolved by the same :class:`~cellpose_finetuning.engine.resolver.ModelResolver`
+    as inference (paths allowed): a session directory stands for its best
+    checkpoint. BioImage.IO packages cannot be trained from.
     """
-    if model in PRETRAINED_MODELS:
-        return model
-    path = Path(model).expanduser()
-    if path.is_dir() and (path / "status.json").is_file():
-        weights = Session(path).weights("best")
-        if not weights.is_file():
-            raise InvalidInput("model", f"session {str(path)!r} has no weights yet")
-        return str(weights.resolve())
-    if path.is_file():
-        return str(path.resolve())
-    raise InvalidInput(
+    neither = InvalidInput(
         "model", f"{model!r} is neither {list(PRETRAINED_MODELS)} nor a checkpoint file"
     )
+    try:
+        ref = ModelResolver(allow_paths=True).resolve(model)
+    except NotFound:
+        raise neither from None
+    if ref.kind == "pretrained":
+        return ref.source
+    if ref.kind == "package":
+        raise neither
+    return str(Path(ref.source).resolve())
 
 
 def _as_str_pairs(pairs: Sequence[Any]) -> list[tuple[str, str]]:

@@ -25,265 +25,64 @@ through the session's ``status.json``.
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import math
-import multiprocessing as mp
 import os
-import signal
 import socket
 import time
-import traceback
-from collections.abc import Callable
-from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
 
-import numpy as np
-
-from cellpose_finetuning.engine.metrics import ap_change, pixel_metrics_from_counts, score_masks
-from cellpose_finetuning.engine.schemas import (
-    InferenceSettings,
-    InstanceMetrics,
-    TrainingSettings,
-    TrainingStatus,
-    ValidationMetrics,
+from cellpose_finetuning.engine.metrics import ap_change
+from cellpose_finetuning.engine.schedules import (
+    default_warmup,
+    epoch_order,
+    lr_schedule,
+    validation_epochs,
 )
+from cellpose_finetuning.engine.schemas import TrainingSettings, TrainingStatus
 from cellpose_finetuning.engine.sessions import Session
-from cellpose_finetuning.errors import CellposeFinetuningError, InvalidInput
+from cellpose_finetuning.engine.training_data import PreparedData, prepare_session_data
+from cellpose_finetuning.engine.training_loop import (
+    EpochLoop,
+    StopRequested,
+    fixed_tile_loss,
+    score_network,
+)
+from cellpose_finetuning.engine.workers import (
+    TrainingWorker,
+    ignore_terminal_interrupt,
+    own_create_time,
+    start_worker,
+    worker_main,
+)
+from cellpose_finetuning.errors import InvalidInput
 
 if TYPE_CHECKING:
     import torch
 
+# The schedules, the epoch loop and the worker process live in their own
+# modules; their names stay importable from here, where callers always found them.
 __all__ = [
+    "EpochLoop",
+    "StopRequested",
     "TrainingWorker",
+    "continue_session",
     "default_warmup",
     "epoch_order",
+    "fixed_tile_loss",
+    "ignore_terminal_interrupt",
     "lr_schedule",
     "run_training",
     "score_network",
+    "settings_warnings",
     "start_worker",
     "validation_epochs",
+    "worker_main",
+    "write_curves",
 ]
 
 log = logging.getLogger(__name__)
-
-
-class StopRequested(Exception):
-    """Raised inside the loop when the session's STOP marker appears."""
-
-
-def default_warmup(n_epochs: int) -> int:
-    """Warm-up length for the proportional schedule: 10 % of the run, 1 to 10 epochs."""
-    return int(min(10, max(1, round(n_epochs / 10))))
-
-
-def lr_schedule(
-    n_epochs: int, learning_rate: float, *, kind: str = "proportional", warmup: int | None = None
-) -> np.ndarray:
-    """Learning rate for each epoch.
-
-    Parameters
-    ----------
-    n_epochs : int
-        Length of the run.
-    learning_rate : float
-        Peak learning rate.
-    kind : {"proportional", "cellpose"}
-        ``cellpose`` is ``train_seg``'s schedule verbatim: ``linspace(0, lr, 10)``
-        then constant. ``proportional`` warms up linearly over ``warmup``
-        epochs (default :func:`default_warmup`) starting at ``lr / warmup``,
-        so epoch 1 already trains.
-    warmup : int, optional
-        Warm-up epochs for ``proportional``; 0 disables warm-up.
-
-    Returns
-    -------
-    numpy.ndarray
-        ``n_epochs`` learning rates. Runs over 99 (300) epochs end with
-        cellpose's halvings every 5 (10) epochs over the last 50 (100).
-    """
-    if kind == "cellpose":
-        lr = np.linspace(0, learning_rate, 10)
-        lr = np.append(lr, learning_rate * np.ones(max(0, n_epochs - 10)))
-    elif kind == "proportional":
-        w = default_warmup(n_epochs) if warmup is None else min(warmup, n_epochs)
-        lr = np.full(n_epochs, learning_rate, dtype="float64")
-        if w > 0:
-            lr[:w] = learning_rate * np.arange(1, w + 1) / w
-    else:
-        raise InvalidInput("lr_schedule", f"unknown schedule {kind!r}")
-    if n_epochs > 300:
-        lr = lr[:-100]
-        for _ in range(10):
-            lr = np.append(lr, lr[-1] / 2 * np.ones(10))
-    elif n_epochs > 99:
-        lr = lr[:-50]
-        for _ in range(10):
-            lr = np.append(lr, lr[-1] / 2 * np.ones(5))
-    return lr[:n_epochs]
-
-
-def validation_epochs(n_epochs: int, interval: int) -> set[int]:
-    """0-based epochs with validation: the first, every ``interval``-th, and the last."""
-    epochs = {0, n_epochs - 1}
-    epochs.update(e for e in range(n_epochs) if (e + 1) % interval == 0)
-    return epochs
-
-
-def epoch_order(
-    nimg: int,
-    nimg_per_epoch: int | None = None,
-    sampling: str = "permutation",
-    probs: np.ndarray | None = None,
-) -> np.ndarray:
-    """The image indices of one epoch, drawn from numpy's global random state.
-
-    Parameters
-    ----------
-    nimg : int
-        Number of training images.
-    nimg_per_epoch : int, optional
-        Samples in the epoch; ``nimg`` by default.
-    sampling : {"permutation", "cellpose"}
-        ``permutation``: every image once per pass, in a new random order each
-        pass, passes repeated (and the last one cut) to fill ``nimg_per_epoch``.
-        ``cellpose``: ``train_seg``'s rule, a permutation when
-        ``nimg_per_epoch == nimg``, else ``nimg_per_epoch`` draws with
-        replacement (``np.random.choice`` with ``probs``).
-    probs : numpy.ndarray, optional
-        Sampling probabilities for ``cellpose`` (uniform by default, computed
-        as cellpose does so that the draws are the same).
-
-    Returns
-    -------
-    numpy.ndarray
-        ``nimg_per_epoch`` indices.
-    """
-    n = nimg if nimg_per_epoch is None else int(nimg_per_epoch)
-    if sampling == "cellpose":
-        if n != nimg:
-            if probs is None:
-                probs = 1.0 / nimg * np.ones(nimg, "float64")
-                probs /= probs.sum()
-            return np.random.choice(np.arange(0, nimg), size=(n,), p=probs)
-        return np.random.permutation(np.arange(0, nimg))
-    if sampling != "permutation":
-        raise InvalidInput("sampling", f"unknown sampling {sampling!r}")
-    passes = [np.random.permutation(np.arange(0, nimg)) for _ in range(-(-n // nimg))]
-    return np.concatenate(passes)[:n]
-
-
-@dataclass
-class _Prepared:
-    """Training data after cellpose's preparation."""
-
-    train_data: list[np.ndarray]
-    train_labels: list[np.ndarray]
-    train_probs: np.ndarray
-    diam_train: np.ndarray
-    test_data: list[np.ndarray] | None
-    test_labels: list[np.ndarray] | None
-    raw_test: list[tuple[np.ndarray, np.ndarray]]
-    n_train: int
-    n_test: int
-    dropped: list[str]
-
-
-def _load_pairs(
-    pairs: list[tuple[str, str]],
-    role: str,
-    max_pixels: int | None = None,
-    *,
-    clahe: bool = False,
-) -> list[tuple[np.ndarray, np.ndarray]]:
-    """Read image/mask pairs as (C,H,W) float images and (H,W) labels.
-
-    ``max_pixels`` (the service's limit, from ``DataSpec.source``) refuses a
-    file from its header before its pixels are read; ``clahe`` equalises each
-    image (``enable_clahe``).
-    """
-    from cellpose_finetuning.engine.preprocess import apply_clahe
-    from cellpose_finetuning.io.images import read_image, read_mask
-
-    out = []
-    for img_path, mask_path in pairs:
-        img = read_image(img_path, max_pixels=max_pixels)
-        if clahe and img.ndim == 3:
-            img = apply_clahe(img)
-        if img.ndim != 3:
-            raise InvalidInput(
-                img_path, f"{role} images must be 2D (got a stack of shape {img.shape})"
-            )
-        mask = read_mask(mask_path, expected_shape=tuple(img.shape[-2:]), max_pixels=max_pixels)
-        out.append((img, mask))
-    return out
-
-
-def _prepare(session: Session, settings: TrainingSettings, device: torch.device) -> _Prepared:
-    data = session.data
-    return _prepare_arrays(
-        _load_pairs(
-            data.train, "training", data.source.get("max_pixels"), clahe=settings.enable_clahe
-        ),
-        _load_pairs(data.test, "test", data.source.get("max_pixels"), clahe=settings.enable_clahe),
-        [m for _, m in data.train],
-        settings,
-        device,
-    )
-
-
-def _prepare_arrays(
-    train: list[tuple[np.ndarray, np.ndarray]],
-    test: list[tuple[np.ndarray, np.ndarray]],
-    train_names: list[str],
-    settings: TrainingSettings,
-    device: torch.device,
-) -> _Prepared:
-    from cellpose_finetuning.engine import cellpose_compat as cpc
-
-    counts = [int(len(np.unique(m)) - (1 if (m == 0).any() else 0)) for _, m in train]
-    keep = [i for i, c in enumerate(counts) if c >= settings.min_train_masks]
-    dropped = [train_names[i] for i in range(len(train)) if i not in keep]
-    if not keep:
-        raise InvalidInput(
-            "train_annotations",
-            f"no training mask has at least min_train_masks={settings.min_train_masks} objects "
-            f"(object counts: {counts})",
-        )
-    train = [train[i] for i in keep]
-
-    def as_cellpose(img: np.ndarray) -> np.ndarray:
-        # cellpose's _reshape_norm turns (1,H,W) into (3,1,H,W); give it (H,W) instead.
-        img = img.astype("float32", copy=False)
-        return img[0] if img.shape[0] == 1 else img
-
-    # A fresh dict: cellpose mutates models.normalize_default in place otherwise.
-    normalize_params = {**cpc.normalize_defaults(), "normalize": True}
-    out = cpc.process_train_test(
-        train_data=[as_cellpose(img) for img, _ in train],
-        train_labels=[m for _, m in train],
-        test_data=[as_cellpose(img) for img, _ in test] or None,
-        test_labels=[m for _, m in test] or None,
-        load_files=False,
-        min_train_masks=0,
-        normalize_params=normalize_params,
-        channel_axis=0,
-        device=device,
-    )
-    (train_data, train_labels, _, _, train_probs, diam_train, test_data, test_labels, *_) = out
-    return _Prepared(
-        train_data=train_data,
-        train_labels=train_labels,
-        train_probs=train_probs,
-        diam_train=diam_train,
-        test_data=test_data,
-        test_labels=test_labels,
-        raw_test=test,
-        n_train=len(train_data),
-        n_test=len(test),
-        dropped=dropped,
-    )
 
 
 def settings_warnings(settings: TrainingSettings, **kwargs: Any) -> list[str]:
@@ -308,142 +107,8 @@ def _load_start_network(session: Session, settings: TrainingSettings, resume: bo
     return load_network(settings.model, dtype=torch.float32)
 
 
-class _Loop:
-    """The epoch loop over prepared data; one instance per run."""
-
-    def __init__(
-        self,
-        net: Any,
-        prep: _Prepared,
-        settings: TrainingSettings,
-        device: torch.device,
-        should_stop: Callable[[], bool],
-    ) -> None:
-        import torch
-
-        self.net, self.prep, self.settings, self.device = net, prep, settings, device
-        self.should_stop = should_stop
-        #: Called with (batch index, batches per epoch) after each optimisation step.
-        self.on_batch: Callable[[int, int], None] | None = None
-        self.bsize = int(net.encoder.pos_embed.shape[1] * net.ps)
-        self.optimizer = torch.optim.AdamW(
-            net.parameters(), lr=settings.learning_rate, weight_decay=settings.weight_decay
-        )
-
-    def _step_batch(self, inds: np.ndarray, data: list, labels: list) -> tuple[Any, Any, int]:
-        import torch
-
-        from cellpose_finetuning.engine import cellpose_compat as cpc
-
-        imgs, lbls = cpc.get_batch(inds, data=data, labels=labels)
-        if self.settings.rescale and data is self.prep.train_data:
-            # train_seg's rescale: object diameter / the network's diameter.
-            rsc = self.prep.diam_train[inds] / float(self.net.diam_mean.item())
-        else:
-            rsc = np.ones(len(inds), "float32")
-        imgi, lbl = cpc.augment(imgs, lbls, rescale=rsc, scale_range=0.5, bsize=self.bsize)
-        x = torch.from_numpy(imgi).to(self.device)
-        lbl_t = torch.from_numpy(lbl).to(self.device)
-        if x.dtype != self.net.dtype:
-            x, lbl_t = x.to(self.net.dtype), lbl_t.to(self.net.dtype)
-        y = self.net(x)[0]
-        return y, lbl_t, len(imgi)
-
-    def epoch_order(self, epoch: int) -> np.ndarray:
-        """Indices of the training images an epoch uses, in order (see :func:`epoch_order`)."""
-        np.random.seed(self.settings.seed + epoch)  # as train_seg: np.random.seed(iepoch)
-        return epoch_order(
-            len(self.prep.train_data),
-            self.settings.nimg_per_epoch,
-            self.settings.sampling,
-            self.prep.train_probs,
-        )
-
-    def train_epoch(self, epoch: int, lr: float) -> float:
-        """One epoch (``nimg_per_epoch`` samples); returns the mean loss."""
-        from cellpose_finetuning.engine.cellpose_compat import loss_fn_seg
-
-        rperm = self.epoch_order(epoch)
-        nimg = len(rperm)
-        for group in self.optimizer.param_groups:
-            group["lr"] = lr
-        self.net.train()
-        total = 0.0
-        bs = self.settings.batch_size
-        for k in range(0, nimg, bs):
-            if self.should_stop():
-                raise StopRequested
-            y, lbl, n = self._step_batch(
-                rperm[k : k + bs], self.prep.train_data, self.prep.train_labels
-            )
-            loss = loss_fn_seg(lbl, y, self.device)
-            self.optimizer.zero_grad()
-            loss.backward()
-            self.optimizer.step()
-            total += loss.item() * n
-            if self.on_batch is not None:
-                self.on_batch(k // bs, -(-nimg // bs))
-        return total / nimg
-
-    def validate(self) -> tuple[float, ValidationMetrics]:
-        """Test loss and pixel metrics on fixed augmented tiles of the test set."""
-        import torch
-
-        from cellpose_finetuning.engine.cellpose_compat import loss_fn_seg
-
-        assert self.prep.test_data is not None
-        state = np.random.get_state()
-        np.random.seed(42)  # the same tiles every validation, as train_seg does
-        nimg = len(self.prep.test_data)
-        rperm = np.random.permutation(np.arange(0, nimg))
-        total, counts = 0.0, np.zeros(4, dtype="int64")  # tp, fp, fn, tn
-        self.net.eval()
-        with torch.no_grad():
-            for k in range(0, nimg, self.settings.batch_size):
-                y, lbl, n = self._step_batch(
-                    rperm[k : k + self.settings.batch_size],
-                    self.prep.test_data,
-                    self.prep.test_labels,
-                )
-                total += loss_fn_seg(lbl, y, self.device).item() * n
-                pred = (y[:, -1] > 0).cpu().numpy()
-                true = (lbl[:, -3] > 0.5).cpu().numpy()
-                counts += [
-                    np.sum(pred & true),
-                    np.sum(pred & ~true),
-                    np.sum(~pred & true),
-                    np.sum(~pred & ~true),
-                ]
-        np.random.set_state(state)
-        return total / nimg, pixel_metrics_from_counts(*counts.tolist())
-
-
 def _now() -> str:
     return datetime.now(UTC).isoformat()
-
-
-def fixed_tile_loss(
-    checkpoint: str | os.PathLike[str],
-    pairs: list[tuple[str, str]],
-    *,
-    device: str | None = None,
-    batch_size: int = 8,
-) -> float:
-    """Loss of a checkpoint on fixed augmented tiles of ``pairs``, without training.
-
-    The tiles are the ones validation uses (seed 42), so two checkpoints are
-    compared on exactly the same inputs: this is how we show that a run
-    lowered the loss on its own training images.
-    """
-    from cellpose_finetuning.engine.models import load_network, pick_device
-
-    dev = pick_device(device)
-    net, _ = load_network(checkpoint)
-    net.to(dev)
-    loaded = _load_pairs([(str(a), str(b)) for a, b in pairs], "evaluation")
-    settings = TrainingSettings(batch_size=batch_size, min_train_masks=0)
-    prep = _prepare_arrays(loaded, loaded, [str(b) for _, b in pairs], settings, dev)
-    return _Loop(net, prep, settings, dev, lambda: False).validate()[0]
 
 
 def run_training(session: Session, *, resume: bool = False) -> TrainingStatus:
@@ -483,14 +148,14 @@ def run_training(session: Session, *, resume: bool = False) -> TrainingStatus:
                 "message": "Loading images and computing flows",
                 "start_time": status.start_time if resume and status.start_time else _now(),
                 "worker_pid": os.getpid(),
-                "worker_create_time": _own_create_time(),
+                "worker_create_time": own_create_time(),
                 "worker_host": socket.gethostname(),
             }
         )
     )
     device = pick_device(settings.device)
     torch.manual_seed(settings.seed)
-    prep = _prepare(session, settings, device)
+    prep = prepare_session_data(session, settings, device)
     net, arch = _load_start_network(session, settings, resume)
     net.to(device)
     net.diam_labels.data = torch.tensor([float(prep.diam_train.mean())], device=device)
@@ -504,7 +169,7 @@ def run_training(session: Session, *, resume: bool = False) -> TrainingStatus:
         status.base_instance_metrics = score_network(
             net, device, [m for _, m in prep.raw_test], [img for img, _ in prep.raw_test]
         )
-    loop = _Loop(net, prep, settings, device, lambda: session.stop_requested)
+    loop = EpochLoop(net, prep, settings, device, lambda: session.stop_requested)
     if resume and session.optimizer_file.is_file():
         loop.optimizer.load_state_dict(
             torch.load(session.optimizer_file, map_location=device, weights_only=True)
@@ -628,7 +293,7 @@ def run_training(session: Session, *, resume: bool = False) -> TrainingStatus:
                 }
             )
         )
-        _write_curves(session, status)
+        write_curves(session, status)
         return status
 
     save_last()
@@ -650,42 +315,11 @@ def run_training(session: Session, *, resume: bool = False) -> TrainingStatus:
             }
         )
     )
-    _write_curves(session, status)
+    write_curves(session, status)
     return status
 
 
-def score_network(
-    net: Any,
-    device: torch.device,
-    true_masks: list[np.ndarray],
-    images: list[np.ndarray],
-    settings: InferenceSettings | None = None,
-) -> InstanceMetrics:
-    """Instance metrics of a network on labelled images, as ``infer`` would segment them.
-
-    The network is put in eval mode, and numpy's and torch's random states
-    are restored afterwards, so scoring before epoch 1 changes nothing in
-    the run that follows.
-    """
-    import torch
-
-    from cellpose_finetuning.engine.inference import segment
-    from cellpose_finetuning.engine.models import wrap_network
-
-    np_state, torch_state = np.random.get_state(), torch.random.get_rng_state()
-    was_training = net.training
-    try:
-        net.eval()
-        model = wrap_network(net, device, "scoring")
-        preds = [segment(model, img, settings) for img in images]
-    finally:
-        net.train(was_training)
-        np.random.set_state(np_state)
-        torch.random.set_rng_state(torch_state)
-    return score_masks(true_masks, preds)[0]
-
-
-def _instance_metrics(session: Session, prep: _Prepared, device: torch.device) -> Any:
+def _instance_metrics(session: Session, prep: PreparedData, device: torch.device) -> Any:
     """AP on the test set with the checkpoint inference will use (best, else last)."""
     from cellpose_finetuning.engine.models import load_network
 
@@ -694,153 +328,14 @@ def _instance_metrics(session: Session, prep: _Prepared, device: torch.device) -
     return score_network(net, device, [m for _, m in prep.raw_test], [i for i, _ in prep.raw_test])
 
 
-def _write_curves(session: Session, status: TrainingStatus) -> None:
+def write_curves(session: Session, status: TrainingStatus) -> None:
+    """Draw the session's training curves; a failure is logged, never raised."""
     try:
         from cellpose_finetuning.engine.plots import plot_training_curves
 
         plot_training_curves(status, session.curves_file)
     except Exception:  # a picture must never fail a run
         log.exception("could not draw training curves")
-
-
-def _own_create_time() -> float | None:
-    try:
-        import psutil
-
-        return psutil.Process().create_time()
-    except Exception:
-        return None
-
-
-def _setup_worker_logging(session: Session) -> None:
-    handler = logging.FileHandler(session.log_file, encoding="utf-8")
-    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
-    root = logging.getLogger()
-    root.addHandler(handler)
-    root.setLevel(logging.INFO)
-
-
-def worker_main(session_dir: str, resume: bool = False, num_threads: int | None = None) -> None:
-    """Entry point of the worker process: run, and record any failure in the status."""
-    session = Session(session_dir)
-    _setup_worker_logging(session)
-    if num_threads:
-        import torch
-
-        torch.set_num_threads(num_threads)
-    try:
-        run_training(session, resume=resume)
-    except BaseException as exc:
-        if isinstance(exc, CellposeFinetuningError):
-            message = f"Training failed: {exc}"
-        else:
-            message = f"Training failed: {type(exc).__name__}: {exc}"
-        log.error("%s\n%s", message, traceback.format_exc())
-        try:
-            status = session.read_status(reconcile=False)
-            session.write_status(
-                status.model_copy(
-                    update={"status_type": "failed", "message": message, "worker_pid": None}
-                )
-            )
-            _write_curves(session, status)
-        finally:
-            if not isinstance(exc, Exception):
-                raise
-
-
-def ignore_terminal_interrupt() -> None:
-    """Make this (worker) process ignore SIGINT.
-
-    Ctrl-C in a terminal reaches the whole process group, training workers
-    too. Whoever started a worker asks it to stop through the session's STOP
-    marker, so that it saves its weights and reads ``stopped``; a
-    KeyboardInterrupt would end the run as ``failed`` instead. Call it only
-    in a process that exists for one run.
-    """
-    with contextlib.suppress(ValueError):  # not the main thread: nothing to do
-        signal.signal(signal.SIGINT, signal.SIG_IGN)
-
-
-def _worker_process_main(session_dir: str, resume: bool, num_threads: int | None) -> None:
-    """Entry point of a process started by :func:`start_worker`."""
-    ignore_terminal_interrupt()
-    worker_main(session_dir, resume, num_threads)
-
-
-class TrainingWorker:
-    """A training run in its own process.
-
-    Use :func:`start_worker` to create one.
-    """
-
-    def __init__(self, session: Session, process: mp.process.BaseProcess) -> None:
-        self.session = session
-        self.process = process
-
-    @property
-    def pid(self) -> int | None:
-        """The worker's process id."""
-        return self.process.pid
-
-    def is_alive(self) -> bool:
-        """Whether the worker process still runs."""
-        return self.process.is_alive()
-
-    def wait(self, timeout: float | None = None) -> TrainingStatus:
-        """Wait for the worker to end and return the final status.
-
-        A worker that died without writing a final status (killed, crashed)
-        leaves the session ``failed``.
-        """
-        self.process.join(timeout)
-        return self.session.read_status()
-
-    def kill(self) -> None:
-        """Kill the worker at once (as a crash would)."""
-        self.process.kill()
-        self.process.join()
-
-
-def start_worker(
-    session: Session, *, resume: bool = False, num_threads: int | None = None
-) -> TrainingWorker:
-    """Start the session's training in a new process.
-
-    Parameters
-    ----------
-    session : Session
-        A session in state ``waiting`` (new) or a terminal state (``resume``).
-    resume : bool
-        Continue from the last checkpoint.
-    num_threads : int, optional
-        Torch CPU threads for the worker.
-
-    Returns
-    -------
-    TrainingWorker
-    """
-    ctx = mp.get_context("spawn")
-    process = ctx.Process(
-        target=_worker_process_main,
-        args=(str(session.path), resume, num_threads),
-        name=f"cellpose-training-{session.id}",
-        daemon=False,
-    )
-    process.start()
-    import psutil
-
-    try:
-        create_time = psutil.Process(process.pid).create_time()
-    except psutil.Error:
-        create_time = None
-    session.update_status(
-        status_type="preparing",
-        message="Starting the training worker",
-        worker_pid=process.pid,
-        worker_create_time=create_time,
-    )
-    return TrainingWorker(session, process)
 
 
 def continue_session(session: Session, n_epochs: int | None = None) -> TrainingStatus:

@@ -1,4 +1,5 @@
-"""Reading and writing images and masks (see :mod:`cellpose_finetuning.io.images`)."""
+"""Reading and writing images and masks (see :mod:`cellpose_finetuning.io.images` and
+:mod:`cellpose_finetuning.io.masks`)."""
 
 from cellpose_finetuning.io.images import (
     CHANNEL_AXIS_RULE,
@@ -7,12 +8,10 @@ from cellpose_finetuning.io.images import (
     infer_axes,
     is_image_file,
     read_image,
-    read_mask,
     to_canonical,
-    validate_mask,
     write_image,
-    write_mask,
 )
+from cellpose_finetuning.io.masks import read_mask, validate_mask, write_mask
 
 __all__ = [
     "CHANNEL_AXIS_RULE",

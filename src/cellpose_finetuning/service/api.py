@@ -21,11 +21,18 @@ from collections.abc import Callable
 from typing import Any
 
 from cellpose_finetuning.data.artifacts import ArtifactFiles
-from cellpose_finetuning.engine.inference import InferenceExecutor, LocalInference, ModelResolver
-from cellpose_finetuning.engine.queue import FairGate, SessionQueue, TrainingExecutor, TrainingQueue
+from cellpose_finetuning.engine.inference import ModelResolver
 from cellpose_finetuning.engine.recipes import RECIPES
 from cellpose_finetuning.engine.schemas import TrainingSettings
 from cellpose_finetuning.engine.sessions import SessionStore
+from cellpose_finetuning.scheduler import (
+    FairGate,
+    InferenceExecutor,
+    LocalInference,
+    SessionQueue,
+    TrainingExecutor,
+    TrainingQueue,
+)
 from cellpose_finetuning.service.auth import WorkspaceOwners
 from cellpose_finetuning.service.config import ServiceConfig
 from cellpose_finetuning.service.edge import api_method, inference_schema, scrub_paths

@@ -14,10 +14,10 @@ from pathlib import Path
 from typing import Any
 
 from cellpose_finetuning.data.artifacts import ArtifactFiles
-from cellpose_finetuning.engine.inference import InferenceExecutor, ModelRef, ModelResolver
-from cellpose_finetuning.engine.queue import FairGate, TrainingExecutor
+from cellpose_finetuning.engine.inference import ModelRef, ModelResolver
 from cellpose_finetuning.engine.sessions import Session, SessionStore
 from cellpose_finetuning.errors import Forbidden, InvalidInput
+from cellpose_finetuning.scheduler import FairGate, InferenceExecutor, TrainingExecutor
 from cellpose_finetuning.service.auth import Caller, WorkspaceOwners, readable_artifact
 from cellpose_finetuning.service.config import ServiceConfig
 from cellpose_finetuning.service.edge import WEIGHT_FILES, is_artifact_ref, session_arg

@@ -13,11 +13,11 @@ from pathlib import Path
 
 import pytest
 
-from cellpose_finetuning.engine.queue import FairGate, SessionQueue
 from cellpose_finetuning.engine.runs import create_local_session
 from cellpose_finetuning.engine.sessions import Session
 from cellpose_finetuning.engine.training import run_training
 from cellpose_finetuning.errors import ResourceLimit
+from cellpose_finetuning.scheduler import FairGate, SessionQueue
 
 
 async def _until(predicate, timeout: float = 120.0) -> None:
