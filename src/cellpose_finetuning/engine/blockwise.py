@@ -31,10 +31,8 @@ block is in memory at a time:
    blocks segment differently) keep the first writer's pixels.
 
 Input may be a numpy array (or ``np.memmap``), any lazy array with numpy
-slicing (zarr), or a TIFF path (uncompressed files are memory-mapped per
-block; others need zarr for ``tifffile.imread(aszarr=True)``). Masks go to a
-numpy array, a lazy array, or a new TIFF (``tifffile.memmap``, reopened per
-block so its pages do not pile up in the process).
+slicing (zarr), or a TIFF/Zarr path; masks go to an array or a new TIFF/Zarr
+(:mod:`cellpose_finetuning.engine.blockio`).
 """
 
 from __future__ import annotations
@@ -43,11 +41,11 @@ import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from cellpose_finetuning.engine.blockio import LazyImage, open_image, open_output
 from cellpose_finetuning.engine.schemas import InferenceSettings
 from cellpose_finetuning.errors import InvalidInput
 
@@ -60,10 +58,7 @@ __all__ = [
     "Block",
     "BlockProgress",
     "BlockwiseResult",
-    "LazyImage",
     "choose_block_size",
-    "open_image",
-    "open_output",
     "plan_blocks",
     "segment_blockwise",
 ]
@@ -79,136 +74,6 @@ BYTES_PER_PIXEL = 200
 BLOCK_MULTIPLE, MAX_AUTO_BLOCK, MIN_BLOCK = 256, 2048, 256
 #: cellpose's percentile normalisation subsamples above this many pixels.
 _NORM_SUBSAMPLE = 224**3
-
-
-# --------------------------------------------------------------------------- input/output
-class LazyImage:
-    """A 2D image read region by region, with canonical axes (C, H, W).
-
-    Parameters
-    ----------
-    source : array-like
-        ``(H, W)`` or ``(C, H, W)``; anything with ``shape`` and numpy slicing.
-    reopen : callable, optional
-        Returns a fresh ``source`` for each read (used for memory maps, so
-        that pages read once are unmapped again).
-    """
-
-    def __init__(self, source: Any, reopen: Callable[[], Any] | None = None) -> None:
-        shape = tuple(int(s) for s in source.shape)
-        if len(shape) not in (2, 3):
-            raise InvalidInput("image", f"expected (H,W) or (C,H,W), got shape {shape}")
-        self._source = None if reopen else source
-        self._reopen = reopen
-        self._2d = len(shape) == 2
-        self.shape: tuple[int, int, int] = (1, *shape) if self._2d else shape  # type: ignore[assignment]
-        self.dtype = np.dtype(source.dtype)
-
-    def read(self, ys: slice, xs: slice) -> np.ndarray:
-        """The region ``[:, ys, xs]`` as a numpy array."""
-        src = self._reopen() if self._reopen else self._source
-        try:
-            region = src[ys, xs] if self._2d else src[:, ys, xs]
-            region = np.array(region)  # a copy: nothing keeps the map alive
-        finally:
-            if self._reopen:
-                del src
-        return region[None] if self._2d else region
-
-
-def open_image(image: Any) -> LazyImage:
-    """Wrap an array, a lazy array or a TIFF/Zarr path as a :class:`LazyImage`.
-
-    A path to an uncompressed TIFF is memory-mapped anew for every region;
-    other TIFFs and ``.zarr`` folders are read through zarr.
-    """
-    if isinstance(image, LazyImage):
-        return image
-    if isinstance(image, str | Path):
-        path = Path(image)
-        if path.suffix == ".zarr" or path.is_dir():
-            return LazyImage(_zarr().open(str(path), mode="r"))
-        import tifffile
-
-        try:
-            first = tifffile.memmap(path, mode="r")
-        except ValueError:  # compressed or not contiguous: tiles through zarr
-            store = tifffile.imread(path, aszarr=True)
-            return LazyImage(_zarr().open(store, mode="r"))
-        shape = first.shape
-        del first
-        if len(shape) == 3 and shape[-1] <= 4 < shape[0]:  # (H, W, C) on disk
-
-            class _Hwc:
-                def __init__(self) -> None:
-                    self.shape, self.dtype = (shape[2], *shape[:2]), tifffile.memmap(path).dtype
-
-                def __getitem__(self, key: Any) -> np.ndarray:
-                    arr = tifffile.memmap(path, mode="r")
-                    return np.moveaxis(arr[key[1], key[2]], -1, 0)
-
-            return LazyImage(_Hwc())
-        return LazyImage(
-            tifffile.memmap(path, mode="r"), reopen=lambda: tifffile.memmap(path, mode="r")
-        )
-    return LazyImage(image)
-
-
-def _zarr() -> Any:
-    try:
-        import zarr
-    except ImportError as exc:  # pragma: no cover - depends on the install
-        raise InvalidInput(
-            "image", "compressed TIFF and Zarr images need the zarr package (pip install zarr)"
-        ) from exc
-    return zarr
-
-
-class _TiffOutput:
-    """An uncompressed (Big)TIFF label image written region by region."""
-
-    def __init__(self, path: Path, shape: tuple[int, int], dtype: str) -> None:
-        import tifffile
-
-        self.path, self.shape, self.dtype = path, shape, np.dtype(dtype)
-        mm = tifffile.memmap(path, shape=shape, dtype=dtype, bigtiff=True)
-        mm.flush()
-        del mm
-
-    def _map(self) -> np.memmap:
-        import tifffile
-
-        return tifffile.memmap(self.path, mode="r+")
-
-    def __getitem__(self, key: Any) -> np.ndarray:
-        mm = self._map()
-        out = np.array(mm[key])
-        del mm
-        return out
-
-    def __setitem__(self, key: Any, value: np.ndarray) -> None:
-        mm = self._map()
-        mm[key] = value
-        mm.flush()
-        del mm
-
-
-def open_output(out: Any, shape: tuple[int, int], dtype: str = "uint32") -> Any:
-    """Where the labels go: an array as given, a new TIFF (path) or Zarr (``.zarr`` path).
-
-    ``None`` makes a zeroed numpy array of ``shape``.
-    """
-    if out is None:
-        return np.zeros(shape, dtype)
-    if isinstance(out, str | Path):
-        path = Path(out)
-        if path.suffix == ".zarr":
-            chunks = (min(shape[0], 1024), min(shape[1], 1024))
-            return _zarr().open(str(path), mode="w", shape=shape, chunks=chunks, dtype=dtype)
-        return _TiffOutput(path, shape, dtype)
-    if tuple(out.shape) != tuple(shape):
-        raise InvalidInput("out", f"has shape {tuple(out.shape)}, the image is {shape}")
-    return out
 
 
 # --------------------------------------------------------------------------- planning
@@ -378,7 +243,7 @@ class _TileGrid:
         x0 = int(min(self.xstart[i] for _, i in todo))
         y1 = int(max(self.ystart[j] for j, _ in todo)) + b
         x1 = int(max(self.xstart[i] for _, i in todo)) + b
-        # The normalised image over the tiles' span, zero outside the image (cellpose pads after normalising).
+        # Normalised image over the tiles, zero outside it (cellpose pads after normalising).
         span = np.zeros((3, y1 - y0, x1 - x0), "float32")
         ry, rx = slice(max(y0, 0), min(y1, height)), slice(max(x0, 0), min(x1, width))
         span[:, ry.start - y0 : ry.stop - y0, rx.start - x0 : rx.stop - x0] = _normalised(
