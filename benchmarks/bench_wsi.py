@@ -193,7 +193,7 @@ def run(ctx: Context) -> CaseResult:
         id="wsi",
         title=TITLE,
         ours_label="`engine.blockwise.segment_blockwise(model, image)`: blocks chosen from the "
-        "available memory (at most 2048² cores, 64 px overlap), cellpose's own tile grid and "
+        "available memory (at most 1024² cores, 64 px overlap), cellpose's own tile grid and "
         f"mask step per block, float32 on the CPU, {THREADS} torch threads",
         reference_label="the same network as a `CellposeModel`, `model.eval(image)` with "
         f"cellpose's defaults, {THREADS} torch threads",
