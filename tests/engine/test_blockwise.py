@@ -17,7 +17,7 @@ from cellpose_finetuning.engine.inference import ModelCache, ModelRef, segment
 from cellpose_finetuning.engine.schemas import InferenceSettings
 from cellpose_finetuning.errors import InvalidInput
 
-BLOCK, SIZE, SHIFT = 384, 1024, 31
+BLOCK, SIZE, SHIFT = 384, 1024, 194
 
 
 def _tiled_nuclei(dev_data, size: int) -> np.ndarray:
@@ -42,8 +42,8 @@ def model(learned_tiny):
 
 @pytest.fixture(scope="module")
 def nuclei(dev_data):
-    # Shifted by 31 px so that the block borders at 384 and 768 run through
-    # rows and columns of the nuclei image where nuclei are dense.
+    # Shifted by 194 px: then the block borders at 384 and 768 cut through 67 of
+    # the annotated nuclei (the most of any shift; 12 unshifted).
     return np.ascontiguousarray(_tiled_nuclei(dev_data, SIZE + SHIFT)[SHIFT:, SHIFT:])
 
 
@@ -90,10 +90,10 @@ def test_blocks_of_384_match_the_single_pass(single_pass, blockwise):
     ap, tp, fp, fn = average_precision(
         single_pass.astype("int32"), result.masks.astype("int32"), threshold=[0.5, 0.9]
     )
-    # Measured 0.96 with a weakly trained network (objects near the flow-error cut);
+    # Measured 0.949-0.964 with a weakly trained network (objects near the flow-error cut);
     # the differences are whole objects that cellpose's flow check keeps in one pass
     # and drops in the other (engine/blockwise.py explains why), not cut objects.
-    assert ap[0] >= 0.95, (ap, tp, fp, fn)
+    assert ap[0] >= 0.94, (ap, tp, fp, fn)
     # Same tile outputs: objects found by both are the same object (IoU >= 0.9).
     assert tp[1] >= 0.98 * tp[0]
 
