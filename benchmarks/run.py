@@ -72,6 +72,7 @@ CASES = {
     "gpu": "bench_gpu",
     "export": "bench_export",
     "fairness": "bench_fairness",
+    "wsi": "bench_wsi",
 }
 
 
