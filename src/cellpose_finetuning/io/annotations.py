@@ -44,6 +44,7 @@ import numpy as np
 
 from cellpose_finetuning.errors import InvalidInput
 from cellpose_finetuning.io.geojson import read_geojson_labels, write_geojson
+from cellpose_finetuning.io.image_files import SUPPORTED_IMAGE_SUFFIXES
 from cellpose_finetuning.io.imagej_rois import read_roi_labels, write_imagej_rois
 from cellpose_finetuning.io.output_names import (
     OUTPUT_FORMATS,
@@ -89,17 +90,7 @@ __all__ = [
 #: Suffixes read only as annotations (besides the image suffixes).
 POLYGON_SUFFIXES: tuple[str, ...] = (".geojson", ".zip")
 #: Every suffix :func:`~cellpose_finetuning.io.masks.read_mask` accepts (lower case).
-ANNOTATION_SUFFIXES: tuple[str, ...] = (
-    ".ome.tif",
-    ".ome.tiff",
-    ".tif",
-    ".tiff",
-    ".png",
-    ".jpg",
-    ".jpeg",
-    ".npy",
-    *POLYGON_SUFFIXES,
-)
+ANNOTATION_SUFFIXES: tuple[str, ...] = (*SUPPORTED_IMAGE_SUFFIXES, *POLYGON_SUFFIXES)
 
 
 def is_annotation_file(name: str | os.PathLike[str]) -> bool:
