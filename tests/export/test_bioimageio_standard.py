@@ -18,7 +18,7 @@ import yaml
 
 from cellpose_finetuning.engine.schemas import InferenceSettings
 from cellpose_finetuning.export import bioimageio as bx
-from cellpose_finetuning.export import bioimageio_standard as std
+from cellpose_finetuning.export.bioimageio import standard as std
 from tests.export.test_bioimageio import DATASET_ID, _make_session
 
 THRESHOLDS = {"cellprob_threshold": -3.0, "flow_threshold": 0.0}
@@ -257,3 +257,43 @@ def test_diameter_cannot_be_expressed_in_the_standard_form(session, tmp_path):
     with pytest.raises(InvalidInput, match="diameter.*wrapper"):
         bx.build_package(session, tmp_path / "pkg", inference=InferenceSettings(diameter=17.0))
     assert not (tmp_path / "pkg").exists()
+
+
+# --------------------------------------------------------------------------- model.py sources
+@pytest.mark.parametrize("form", ["standard", "wrapper"])
+def test_model_py_carries_the_engines_encoder_builder_and_imports_nothing_of_ours(form):
+    """One source for the encoder: the package's model.py holds engine/sam_encoder.py's text."""
+    import ast
+    import inspect
+
+    import torch
+
+    from cellpose_finetuning.engine import sam_encoder
+    from cellpose_finetuning.engine.models import PRESETS, build_network
+
+    source = bx.model_source(form)
+    imported = set()
+    for node in ast.walk(ast.parse(source)):
+        if isinstance(node, ast.ImportFrom):
+            imported.add(node.module or "")
+        elif isinstance(node, ast.Import):
+            imported.update(alias.name for alias in node.names)
+    assert not {m for m in imported if m.split(".")[0] == "cellpose_finetuning"}, imported
+    assert inspect.getsource(sam_encoder.encoder_builder) in source
+    # The text alone builds the engine's network: same parameters, strict load.
+    namespace: dict = {"__name__": f"exported_{form}"}
+    exec(compile(source, "model.py", "exec"), namespace)
+    arch = PRESETS["tiny"]
+    kwargs = {
+        "embed_dim": arch.embed_dim,
+        "depth": arch.depth,
+        "num_heads": arch.num_heads,
+        "global_attn_indexes": arch.global_attn_indexes,
+    }
+    callable_name = "CellposeSAMFlows" if form == "standard" else "CellposeSAMSegmenter"
+    model = namespace[callable_name](**kwargs)
+    engine = build_network(arch)
+    model.load_state_dict(engine.state_dict(), strict=True)
+    assert sum(p.numel() for p in model.parameters()) == sum(p.numel() for p in engine.parameters())
+    assert isinstance(model, torch.nn.Module)
+

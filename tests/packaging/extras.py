@@ -66,7 +66,7 @@ PROMISED: dict[str, list[str]] = {
     ],
     "export": [
         "cellpose_finetuning.export.bioimageio",
-        "cellpose_finetuning.export.bioimageio_model",
+        "cellpose_finetuning.export.bioimageio.wrapper",
         "bioimageio.core",
         "bioimageio.spec",
     ],
