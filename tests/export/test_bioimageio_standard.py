@@ -297,3 +297,26 @@ def test_model_py_carries_the_engines_encoder_builder_and_imports_nothing_of_our
     assert sum(p.numel() for p in model.parameters()) == sum(p.numel() for p in engine.parameters())
     assert isinstance(model, torch.nn.Module)
 
+
+def test_network_traces_as_it_runs_even_when_traced_without_eval():
+    """bioimageio.core's torchscript converter traces the module as constructed, without .eval().
+
+    cellpose's training-mode forward drops encoder blocks at random (``rdrop``, by depth: a
+    one-block network never drops one), and a trace freezes that into the graph; the exported
+    network is built for inference, so its trace must be deterministic and equal to it.
+    """
+    import torch
+
+    from cellpose_finetuning.export.bioimageio.network import CellposeSAMFlows
+
+    torch.manual_seed(0)
+    net = CellposeSAMFlows(embed_dim=32, depth=4, num_heads=1, global_attn_indexes=(3,))
+    assert not net.training and net.rdrop == 0.0
+    tile = torch.from_numpy(np.random.default_rng(0).random((1, 3, 256, 256), dtype=np.float32))
+    with torch.no_grad():
+        traced = torch.jit.trace(net, tile)
+        net.train()  # even a caller's .train() cannot bring stochastic depth back
+        expected = net(tile)
+        assert "aten::rand" not in {n.kind() for n in traced.inlined_graph.nodes()}
+        for _ in range(2):
+            assert float((traced(tile) - expected).abs().max()) <= 1e-4

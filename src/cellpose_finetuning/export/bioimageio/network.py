@@ -73,6 +73,13 @@ class CellposeSAMFlows(Transformer):
         )
         super().__init__(backbone=key, ps=ps, nout=nout, bsize=bsize, dtype=torch.float32)
         self.in_channels = in_channels
+        # An inference-only network: no stochastic depth, and built in eval mode.
+        # bioimageio.core's torchscript converter traces the module as constructed,
+        # without .eval(); cellpose's training-mode forward drops encoder blocks at
+        # random (rdrop), which the trace froze into the graph (torch.rand), so the
+        # traced ViT-L's flows differed from PyTorch's by ~1 (docs/benchmarks.md).
+        self.rdrop = 0.0
+        self.eval()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
         """``(B, C, bsize, bsize)`` normalised tiles -> ``(B, 3, bsize, bsize)`` flows."""
