@@ -72,6 +72,7 @@ class CellposeSAMFlows(Transformer):
             global_attn_indexes,
         )
         super().__init__(backbone=key, ps=ps, nout=nout, bsize=bsize, dtype=torch.float32)
+        self.bsize = bsize
         self.in_channels = in_channels
         # An inference-only network: no stochastic depth, and built in eval mode.
         # bioimageio.core's torchscript converter traces the module as constructed,

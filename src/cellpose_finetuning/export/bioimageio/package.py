@@ -348,32 +348,37 @@ def _build(
 
 
 def model_source(format: PackageFormat) -> str:
-    """The ``model.py`` of a package: the form's module with the encoder builder inlined.
+    """The ``model.py`` of a package: the form's module with our imports inlined.
 
-    :mod:`.network` (standard) or :mod:`.wrapper` import the builder from
+    :mod:`.network` (standard) imports the encoder builder from
     :mod:`cellpose_finetuning.engine.sam_encoder`, the one source the engine
-    builds its networks with too; a package must not need our package, so
-    that import line is replaced by the module's text.
+    builds its networks with too, and :mod:`.wrapper` imports
+    :mod:`.network`. A package must not need our package, so each import
+    line marked ``# inlined on export`` is replaced by its module's text.
     """
     from importlib.resources import files
 
-    template = files(__package__).joinpath(_MODEL_MODULES[format]).read_text(encoding="utf-8")
-    encoder = files("cellpose_finetuning.engine").joinpath("sam_encoder.py")
-    # Its docstring and ``from __future__`` line go: the template has its own, first.
-    body = encoder.read_text(encoding="utf-8").split(_FUTURE, 1)[1].strip("\n")
-    inlined = f"{_INLINED_START}\n{body}\n{_INLINED_END}"
-    text, count = _ENCODER_IMPORT.subn(lambda _: inlined, template)
-    if count != 1:
-        raise RuntimeError(f"{_MODEL_MODULES[format]} must import sam_encoder once")
+    text = files(__package__).joinpath(_MODEL_MODULES[format]).read_text(encoding="utf-8")
+    inlined: set[str] = set()
+    while match := _INLINED_IMPORT.search(text):
+        module = match.group(1)
+        if module in inlined:
+            raise RuntimeError(f"{module} is inlined twice into model.py")
+        inlined.add(module)
+        package, _, name = module.rpartition(".")
+        source = files(package).joinpath(f"{name}.py").read_text(encoding="utf-8")
+        # Its docstring, ``from __future__`` line and ``__all__`` go: the template's stay.
+        body = source.split(_FUTURE, 1)[1]
+        body = "\n".join(line for line in body.splitlines() if not line.startswith("__all__"))
+        block = f"# --- {module}, inlined by the export ---\n{body.strip()}\n# --- end of {module}"
+        text = text[: match.start()] + block + text[match.end() :]
     return text
 
 
 _FUTURE = "from __future__ import annotations\n"
-_ENCODER_IMPORT = re.compile(
-    r"^from cellpose_finetuning\.engine\.sam_encoder import register_encoder.*$", re.M
+_INLINED_IMPORT = re.compile(
+    r"^from (cellpose_finetuning\.[\w.]+) import .*# inlined on export$", re.M
 )
-_INLINED_START = "# --- cellpose_finetuning/engine/sam_encoder.py, inlined by the export ---"
-_INLINED_END = "# --- end of sam_encoder.py ---"
 
 
 def _write_weights(state: Mapping[str, torch.Tensor], path: Path) -> None:
