@@ -75,8 +75,8 @@ def _flow_differences(package: Path) -> dict[str, float]:
     import torch
     import yaml
 
-    from cellpose_finetuning.export import bioimageio_standard as std
-    from cellpose_finetuning.export.bioimageio import _load_exported_model
+    from cellpose_finetuning.export.bioimageio import standard as std
+    from cellpose_finetuning.export.bioimageio.runtime import _load_exported_model
 
     rdf = yaml.safe_load((package / "rdf.yaml").read_text())
     entry = rdf["weights"]["pytorch_state_dict"]

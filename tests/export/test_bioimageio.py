@@ -29,6 +29,7 @@ from cellpose_finetuning.engine.schemas import (
 from cellpose_finetuning.engine.sessions import DataSpec, Session, SessionStore
 from cellpose_finetuning.errors import Conflict
 from cellpose_finetuning.export import bioimageio as bx
+from cellpose_finetuning.export.bioimageio.metadata import _base_model
 
 DATASET_ID = "bioimage-io/dev-nuclei-bacteria"
 NOISY = InferenceSettings(cellprob_threshold=-3.0, flow_threshold=0.0)
@@ -213,7 +214,7 @@ def test_rdf_license_defaults_to_mit_for_a_network_trained_from_scratch(rdf, pac
 
 
 def test_cellpose_sam_base_model_is_bsd3_and_has_no_bioimageio_parent():
-    base = bx._base_model("cpsam", PRESETS["cpsam"])
+    base = _base_model("cpsam", PRESETS["cpsam"])
     assert base["license"] == "BSD-3-Clause"
     assert base["bioimageio_id"] is None
     assert "Apache-2.0" in base["notes"]

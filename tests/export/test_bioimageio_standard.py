@@ -18,7 +18,7 @@ import yaml
 
 from cellpose_finetuning.engine.schemas import InferenceSettings
 from cellpose_finetuning.export import bioimageio as bx
-from cellpose_finetuning.export import bioimageio_standard as std
+from cellpose_finetuning.export.bioimageio import standard as std
 from tests.export.test_bioimageio import DATASET_ID, _make_session
 
 THRESHOLDS = {"cellprob_threshold": -3.0, "flow_threshold": 0.0}
@@ -257,3 +257,66 @@ def test_diameter_cannot_be_expressed_in_the_standard_form(session, tmp_path):
     with pytest.raises(InvalidInput, match="diameter.*wrapper"):
         bx.build_package(session, tmp_path / "pkg", inference=InferenceSettings(diameter=17.0))
     assert not (tmp_path / "pkg").exists()
+
+
+# --------------------------------------------------------------------------- model.py sources
+@pytest.mark.parametrize("form", ["standard", "wrapper"])
+def test_model_py_carries_the_engines_encoder_builder_and_imports_nothing_of_ours(form):
+    """One source for the encoder: the package's model.py holds engine/sam_encoder.py's text."""
+    import ast
+    import inspect
+
+    import torch
+
+    from cellpose_finetuning.engine import sam_encoder
+    from cellpose_finetuning.engine.models import PRESETS, build_network
+
+    source = bx.model_source(form)
+    imported = set()
+    for node in ast.walk(ast.parse(source)):
+        if isinstance(node, ast.ImportFrom):
+            imported.add(node.module or "")
+        elif isinstance(node, ast.Import):
+            imported.update(alias.name for alias in node.names)
+    assert not {m for m in imported if m.split(".")[0] == "cellpose_finetuning"}, imported
+    assert inspect.getsource(sam_encoder.encoder_builder) in source
+    # The text alone builds the engine's network: same parameters, strict load.
+    namespace: dict = {"__name__": f"exported_{form}"}
+    exec(compile(source, "model.py", "exec"), namespace)
+    arch = PRESETS["tiny"]
+    kwargs = {
+        "embed_dim": arch.embed_dim,
+        "depth": arch.depth,
+        "num_heads": arch.num_heads,
+        "global_attn_indexes": arch.global_attn_indexes,
+    }
+    callable_name = "CellposeSAMFlows" if form == "standard" else "CellposeSAMSegmenter"
+    model = namespace[callable_name](**kwargs)
+    engine = build_network(arch)
+    model.load_state_dict(engine.state_dict(), strict=True)
+    assert sum(p.numel() for p in model.parameters()) == sum(p.numel() for p in engine.parameters())
+    assert isinstance(model, torch.nn.Module)
+
+
+def test_network_traces_as_it_runs_even_when_traced_without_eval():
+    """bioimageio.core's torchscript converter traces the module as constructed, without .eval().
+
+    cellpose's training-mode forward drops encoder blocks at random (``rdrop``, by depth: a
+    one-block network never drops one), and a trace freezes that into the graph; the exported
+    network is built for inference, so its trace must be deterministic and equal to it.
+    """
+    import torch
+
+    from cellpose_finetuning.export.bioimageio.network import CellposeSAMFlows
+
+    torch.manual_seed(0)
+    net = CellposeSAMFlows(embed_dim=32, depth=4, num_heads=1, global_attn_indexes=(3,))
+    assert not net.training and net.rdrop == 0.0
+    tile = torch.from_numpy(np.random.default_rng(0).random((1, 3, 256, 256), dtype=np.float32))
+    with torch.no_grad():
+        traced = torch.jit.trace(net, tile)
+        net.train()  # even a caller's .train() cannot bring stochastic depth back
+        expected = net(tile)
+        assert "aten::rand" not in {n.kind() for n in traced.inlined_graph.nodes()}
+        for _ in range(2):
+            assert float((traced(tile) - expected).abs().max()) <= 1e-4

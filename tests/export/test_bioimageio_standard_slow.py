@@ -15,7 +15,7 @@ import pytest
 
 from cellpose_finetuning.engine.schemas import InferenceSettings
 from cellpose_finetuning.export import bioimageio as bx
-from cellpose_finetuning.export import bioimageio_standard as std
+from cellpose_finetuning.export.bioimageio import standard as std
 
 pytestmark = pytest.mark.slow
 

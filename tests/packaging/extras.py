@@ -76,7 +76,7 @@ PROMISED: dict[str, list[str]] = {
     ],
     "export": [
         "cellpose_finetuning.export.bioimageio",
-        "cellpose_finetuning.export.bioimageio_model",
+        "cellpose_finetuning.export.bioimageio.wrapper",
         "bioimageio.core",
         "bioimageio.spec",
     ],

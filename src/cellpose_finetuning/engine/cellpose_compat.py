@@ -4,7 +4,7 @@ cellpose's training loop (``cellpose.train.train_seg``) is one function with no
 callback: to watch, validate and stop a run epoch by epoch we call its pieces,
 which are private (underscored), and we build and wrap networks of any size by
 setting what ``CellposeModel.eval`` reads. A cellpose upgrade touches this
-module (and the exported ``export/bioimageio_model.py``, which must stay
+module (and the exported ``export/bioimageio/wrapper.py``, which must stay
 free of our package and imports ``cellpose.vit_sam.Transformer`` itself).
 
 What we use, and where cellpose changed it after 4.0.7 (read from the 4.0.8,

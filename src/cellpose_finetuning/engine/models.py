@@ -22,13 +22,12 @@ from __future__ import annotations
 
 import json
 import os
-from functools import partial
 from pathlib import Path
-from types import SimpleNamespace
 from typing import TYPE_CHECKING, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from cellpose_finetuning.engine.sam_encoder import register_encoder
 from cellpose_finetuning.errors import InvalidInput, NotFound
 
 if TYPE_CHECKING:
@@ -95,32 +94,6 @@ PRESETS: dict[str, ArchSpec] = {
 }
 
 
-def _encoder_builder(arch: ArchSpec) -> Any:
-    """Return a ``sam_model_registry``-style builder for ``arch``'s encoder."""
-    import torch
-    from segment_anything.modeling import ImageEncoderViT
-
-    def build(checkpoint: Any = None) -> SimpleNamespace:
-        encoder = ImageEncoderViT(
-            depth=arch.depth,
-            embed_dim=arch.embed_dim,
-            img_size=1024,
-            mlp_ratio=4,
-            norm_layer=partial(torch.nn.LayerNorm, eps=1e-6),
-            num_heads=arch.num_heads,
-            patch_size=16,
-            qkv_bias=True,
-            use_rel_pos=True,
-            global_attn_indexes=list(arch.global_attn_indexes),
-            window_size=14,
-            out_chans=256,
-        )
-        # Transformer only reads `.image_encoder`; skip SAM's prompt encoder and decoder.
-        return SimpleNamespace(image_encoder=encoder)
-
-    return build
-
-
 def build_network(arch: ArchSpec, dtype: torch.dtype | None = None) -> Transformer:
     """Build an untrained cellpose ``Transformer`` with the given architecture.
 
@@ -137,14 +110,17 @@ def build_network(arch: ArchSpec, dtype: torch.dtype | None = None) -> Transform
         The network, on the CPU.
     """
     import torch
-    from segment_anything.build_sam import sam_model_registry
 
     from cellpose_finetuning.engine.cellpose_compat import transformer_class
 
     Transformer = transformer_class()  # noqa: N806 (a class)
-    key = f"cellpose_finetuning:{arch.model_dump_json()}"
-    # Transformer looks its backbone up in this registry by name.
-    sam_model_registry.setdefault(key, _encoder_builder(arch))
+    key = register_encoder(
+        f"cellpose_finetuning:{arch.model_dump_json()}",
+        arch.embed_dim,
+        arch.depth,
+        arch.num_heads,
+        arch.global_attn_indexes,
+    )
     return Transformer(
         backbone=key, ps=arch.ps, nout=arch.nout, bsize=arch.bsize, dtype=dtype or torch.float32
     )

@@ -1,7 +1,7 @@
 """The standard form of a BioImage.IO package: the network alone, cellpose's steps as the spec's.
 
 A standard-form package carries only Cellpose-SAM's network
-(:mod:`cellpose_finetuning.export.bioimageio_network`) and describes the rest
+(:mod:`cellpose_finetuning.export.bioimageio.network`) and describes the rest
 of cellpose's pipeline with the spec's own processing steps, so any
 consumer that implements them (``bioimageio.core`` >= 0.11) runs it without
 our code:

@@ -1,15 +1,17 @@
 """The Cellpose-SAM network alone (the ``model.py`` of a standard-form export).
 
-This file is copied unchanged into every standard-form BioImage.IO package
-we export, as ``model.py``, and named there as the architecture of the
-``pytorch_state_dict`` weights. It needs only ``cellpose`` (which brings
-``torch`` and ``segment_anything``), not ``cellpose_finetuning``.
+This module is written into every standard-form BioImage.IO package we
+export, as ``model.py``, with the text of
+:mod:`cellpose_finetuning.engine.sam_encoder` in place of its import (so
+the encoder builder has one source), and named there as the architecture of
+the ``pytorch_state_dict`` weights. That ``model.py`` needs only ``cellpose``
+(which brings ``torch`` and ``segment_anything``), not ``cellpose_finetuning``.
 
 :class:`CellposeSAMFlows` *is* cellpose's ``Transformer`` (the network of
 Cellpose-SAM) built with the encoder size given as keyword arguments, so the
 weights file is a plain cellpose state dict that loads here with
 ``strict=True`` and into cellpose itself. Unlike the labels-out wrapper
-(``bioimageio_model.py``) it runs only the network: the package describes
+(:mod:`.wrapper`) it runs only the network: the package describes
 cellpose's normalisation as ``scale_range`` preprocessing and cellpose's
 flow dynamics as ``cellpose_flow_dynamics`` postprocessing, and consumers
 tile images themselves. Its ``forward`` is traceable, so the same module is
@@ -23,47 +25,14 @@ model was trained with, zero-padded to cellpose's three inside); output
 from __future__ import annotations
 
 from collections.abc import Sequence
-from functools import partial
-from types import SimpleNamespace
-from typing import Any
 
 import torch
 import torch.nn.functional as F  # noqa: N812
 from cellpose.vit_sam import Transformer
-from segment_anything.build_sam import sam_model_registry
+
+from cellpose_finetuning.engine.sam_encoder import register_encoder  # inlined on export
 
 __all__ = ["CellposeSAMFlows"]
-
-
-def _encoder_builder(
-    embed_dim: int, depth: int, num_heads: int, global_attn_indexes: Sequence[int]
-) -> Any:
-    """A ``sam_model_registry``-style builder of SAM's ViT image encoder.
-
-    ``Transformer`` reads only ``.image_encoder``; SAM's prompt encoder and
-    mask decoder are not built. The fixed values are SAM's own (and the ones
-    ``Transformer`` relies on: 1024 px, 16 px patches, 256 output channels).
-    """
-    from segment_anything.modeling import ImageEncoderViT
-
-    def build(checkpoint: Any = None) -> SimpleNamespace:
-        encoder = ImageEncoderViT(
-            depth=depth,
-            embed_dim=embed_dim,
-            img_size=1024,
-            mlp_ratio=4,
-            norm_layer=partial(torch.nn.LayerNorm, eps=1e-6),
-            num_heads=num_heads,
-            patch_size=16,
-            qkv_bias=True,
-            use_rel_pos=True,
-            global_attn_indexes=list(global_attn_indexes),
-            window_size=14,
-            out_chans=256,
-        )
-        return SimpleNamespace(image_encoder=encoder)
-
-    return build
 
 
 class CellposeSAMFlows(Transformer):
@@ -94,13 +63,24 @@ class CellposeSAMFlows(Transformer):
     ) -> None:
         if not 1 <= in_channels <= 3:
             raise ValueError(f"in_channels must be 1, 2 or 3, got {in_channels}")
-        key = f"cellpose_sam_flows:{embed_dim}:{depth}:{num_heads}:{tuple(global_attn_indexes)}"
         # Transformer looks its encoder up in SAM's registry by name.
-        sam_model_registry.setdefault(
-            key, _encoder_builder(embed_dim, depth, num_heads, global_attn_indexes)
+        key = register_encoder(
+            f"cellpose_sam_flows:{embed_dim}:{depth}:{num_heads}:{tuple(global_attn_indexes)}",
+            embed_dim,
+            depth,
+            num_heads,
+            global_attn_indexes,
         )
         super().__init__(backbone=key, ps=ps, nout=nout, bsize=bsize, dtype=torch.float32)
+        self.bsize = bsize
         self.in_channels = in_channels
+        # An inference-only network: no stochastic depth, and built in eval mode.
+        # bioimageio.core's torchscript converter traces the module as constructed,
+        # without .eval(); cellpose's training-mode forward drops encoder blocks at
+        # random (rdrop), which the trace froze into the graph (torch.rand), so the
+        # traced ViT-L's flows differed from PyTorch's by ~1 (docs/benchmarks.md).
+        self.rdrop = 0.0
+        self.eval()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
         """``(B, C, bsize, bsize)`` normalised tiles -> ``(B, 3, bsize, bsize)`` flows."""

@@ -1,14 +1,17 @@
 """Cellpose-SAM instance segmentation as one torch module (the ``model.py`` of an export).
 
-This file is copied unchanged into every BioImage.IO package we export, as
-``model.py``, and named there as the architecture of the ``pytorch_state_dict``
-weights. It needs only ``cellpose`` (which brings ``torch`` and
+This module is written into every wrapper-form BioImage.IO package we
+export, as ``model.py``, with the text of :mod:`.network` (and in it of
+:mod:`cellpose_finetuning.engine.sam_encoder`) in place of its import, and
+named there as the architecture of the ``pytorch_state_dict`` weights. That
+``model.py`` needs only ``cellpose`` (which brings ``torch`` and
 ``segment_anything``), not ``cellpose_finetuning``.
 
-:class:`CellposeSAMSegmenter` *is* cellpose's ``Transformer`` (the network of
-Cellpose-SAM), built with the encoder size given as keyword arguments, so the
-package's weights file is a plain cellpose state dict: it loads here with
-``strict=True`` and into cellpose itself.
+:class:`CellposeSAMSegmenter` is the standard form's network
+(:class:`~.network.CellposeSAMFlows`, cellpose's ``Transformer`` built with
+the encoder size given as keyword arguments), so the package's weights file
+is a plain cellpose state dict: it loads here with ``strict=True`` and into
+cellpose itself.
 
 Its ``forward`` runs cellpose's complete ``CellposeModel.eval`` on each image
 of the batch, so the output is a label image, not the network's raw flows:
@@ -31,48 +34,15 @@ Input ``(B, C, H, W)`` raw intensities (any range, float32); output
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from functools import partial
-from types import SimpleNamespace
 from typing import Any
 
 import numpy as np
 import torch
 from cellpose.vit_sam import Transformer
-from segment_anything.build_sam import sam_model_registry
+
+from cellpose_finetuning.export.bioimageio.network import CellposeSAMFlows  # inlined on export
 
 __all__ = ["CellposeSAMSegmenter"]
-
-
-def _encoder_builder(
-    embed_dim: int, depth: int, num_heads: int, global_attn_indexes: Sequence[int]
-) -> Any:
-    """A ``sam_model_registry``-style builder of SAM's ViT image encoder.
-
-    ``Transformer`` reads only ``.image_encoder``; SAM's prompt encoder and
-    mask decoder are not built. The fixed values are SAM's own (and the ones
-    ``Transformer`` relies on: 1024 px, 16 px patches, 256 output channels).
-    """
-    from segment_anything.modeling import ImageEncoderViT
-
-    def build(checkpoint: Any = None) -> SimpleNamespace:
-        encoder = ImageEncoderViT(
-            depth=depth,
-            embed_dim=embed_dim,
-            img_size=1024,
-            mlp_ratio=4,
-            norm_layer=partial(torch.nn.LayerNorm, eps=1e-6),
-            num_heads=num_heads,
-            patch_size=16,
-            qkv_bias=True,
-            use_rel_pos=True,
-            global_attn_indexes=list(global_attn_indexes),
-            window_size=14,
-            out_chans=256,
-        )
-        return SimpleNamespace(image_encoder=encoder)
-
-    return build
 
 
 class _FlowNetwork:
@@ -101,16 +71,15 @@ class _FlowNetwork:
         return Transformer.forward(self._owner, x)
 
 
-class CellposeSAMSegmenter(Transformer):
+class CellposeSAMSegmenter(CellposeSAMFlows):
     """Cellpose-SAM network plus cellpose's pre- and post-processing.
 
     Parameters
     ----------
-    embed_dim, depth, num_heads, global_attn_indexes
-        Shape of the SAM ViT encoder (ViT-L for Cellpose-SAM: 1024, 24, 16,
-        (5, 11, 17, 23)).
-    ps, bsize, nout
-        Token size, tile size and number of network outputs (8, 256, 3).
+    **network
+        Encoder shape, token and tile size and outputs, as
+        :class:`CellposeSAMFlows` (three input channels: cellpose pads and
+        cuts the image's channels itself).
     diameter : float, optional
         Typical object diameter in pixels; the image is resized by
         ``30 / diameter``. None: no resizing.
@@ -122,13 +91,6 @@ class CellposeSAMSegmenter(Transformer):
 
     def __init__(
         self,
-        embed_dim: int = 1024,
-        depth: int = 24,
-        num_heads: int = 16,
-        global_attn_indexes: Sequence[int] = (5, 11, 17, 23),
-        ps: int = 8,
-        bsize: int = 256,
-        nout: int = 3,
         diameter: float | None = None,
         flow_threshold: float = 0.4,
         cellprob_threshold: float = 0.0,
@@ -136,14 +98,9 @@ class CellposeSAMSegmenter(Transformer):
         niter: int | None = None,
         tile_overlap: float = 0.1,
         batch_size: int = 8,
+        **network: Any,
     ) -> None:
-        key = f"cellpose_sam_segmenter:{embed_dim}:{depth}:{num_heads}:{tuple(global_attn_indexes)}"
-        # Transformer looks its encoder up in SAM's registry by name.
-        sam_model_registry.setdefault(
-            key, _encoder_builder(embed_dim, depth, num_heads, global_attn_indexes)
-        )
-        super().__init__(backbone=key, ps=ps, nout=nout, bsize=bsize, dtype=torch.float32)
-        self.bsize = bsize
+        super().__init__(**network)
         self.eval_kwargs: dict[str, Any] = {
             "diameter": diameter,
             "flow_threshold": flow_threshold,
