@@ -19,23 +19,23 @@ from cellpose_finetuning.export.bioimageio import standard as std
 
 pytestmark = pytest.mark.slow
 
-EPOCHS = 100
+
+@pytest.fixture(scope="module")
+def trained(demo_run):
+    """The demo's session: the tiny network trained from scratch on the dev nuclei."""
+    from cellpose_finetuning.engine.sessions import Session
+
+    session = Session(demo_run[0] / "session")
+    assert session.read_status().status_type == "completed"
+    return session
 
 
 @pytest.fixture(scope="module")
-def trained(tmp_path_factory, tiny_model, train_pairs, test_pairs):
-    from cellpose_finetuning.engine.runs import create_local_session
-    from cellpose_finetuning.engine.training import run_training
-
-    session = create_local_session(
-        out=tmp_path_factory.mktemp("trained") / "run",
-        train_pairs=train_pairs,
-        test_pairs=test_pairs,
-        settings={"model": str(tiny_model), "n_epochs": EPOCHS, "learning_rate": 1e-3},
-    )
-    status = run_training(session)
-    assert status.status_type == "completed", status.message
-    return session
+def nuclei_tests(test_pairs):
+    """The dev test images of the kind the demo trained on (its own test set)."""
+    pairs = [pair for pair in test_pairs if pair[0].name.startswith("nuclei_")]
+    assert pairs
+    return pairs
 
 
 @pytest.fixture(scope="module")
@@ -53,12 +53,12 @@ def _ap50(truth: np.ndarray, pred: np.ndarray) -> float:
 
 
 @pytest.mark.parametrize("weight_format", std.WEIGHT_FORMATS)
-def test_whole_images_segment_like_the_engine(package, trained, test_pairs, weight_format):
+def test_whole_images_segment_like_the_engine(package, trained, nuclei_tests, weight_format):
     from cellpose_finetuning.engine.inference import ModelCache, ModelResolver, segment
     from cellpose_finetuning.io.images import read_image
 
     model = ModelCache(device="cpu").get(ModelResolver(allow_paths=True).resolve(str(trained.path)))
-    for path, _ in test_pairs:
+    for path, _ in nuclei_tests:
         image = read_image(path)
         expected = segment(model, image, InferenceSettings())
         labels = std.predict_image(package, image, weight_format)
@@ -67,12 +67,12 @@ def test_whole_images_segment_like_the_engine(package, trained, test_pairs, weig
         assert _ap50(expected, labels) >= 0.99, (path.name, weight_format)
 
 
-def test_package_reloads_in_infer_with_the_sessions_masks(package, trained, test_pairs, tmp_path):
+def test_package_reloads_in_infer_with_the_sessions_masks(package, trained, nuclei_tests):
     from cellpose_finetuning.engine.inference import ModelCache, ModelResolver, segment
     from cellpose_finetuning.io.images import read_image
 
     resolver, cache = ModelResolver(allow_paths=True), ModelCache(device="cpu")
-    for path, _ in test_pairs:
+    for path, _ in nuclei_tests:
         image = read_image(path)
         ours = segment(cache.get(resolver.resolve(str(package))), image)
         session = segment(cache.get(resolver.resolve(str(trained.path))), image)
