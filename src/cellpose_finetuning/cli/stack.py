@@ -7,10 +7,12 @@ for that stack; ``health`` checks that every part of it answers.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import sys
 from pathlib import Path
+from typing import Any
 
 import click
 
@@ -30,6 +32,21 @@ from cellpose_finetuning.names import (
     WEED_VOLUME_PORT,
 )
 from cellpose_finetuning.service.config import ServiceConfig
+
+
+def _fields(config: type, options: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """Pop from ``options`` the values of ``config``'s fields (``field`` or ``prefix+field``)."""
+    names = (
+        list(config.model_fields)
+        if hasattr(config, "model_fields")
+        else [f.name for f in dataclasses.fields(config)]
+    )
+    out = {}
+    for name in names:
+        for key in (name, prefix + name):
+            if key in options:
+                out[name] = options.pop(key)
+    return out
 
 
 @click.command()
@@ -110,34 +127,13 @@ from cellpose_finetuning.service.config import ServiceConfig
 @friendly_errors
 def serve(
     data_dir: Path,
-    hypha_port: int,
-    s3_port: int,
-    weed_master_port: int,
-    weed_volume_port: int,
-    weed_filer_port: int,
     user: str,
     server_url: str | None,
     workspace: str | None,
     token: str | None,
-    max_concurrent_trainings: int,
-    max_active_sessions_per_user: int,
-    max_epochs: int,
-    max_pixels: int,
-    max_files: int,
-    max_sessions_per_user: int,
-    max_waiting_infers_per_user: int,
     training_time_slice: float,
     backend: str,
-    ray_address: str | None,
-    ray_num_cpus: int,
-    ray_num_gpus: int | None,
-    inference_replicas: int,
-    max_inference_replicas: int | None,
-    replica_cpus: float,
-    replica_gpus: float,
-    training_cpus: float,
-    training_gpus: float,
-    max_queued_trainings: int,
+    **options: Any,
 ) -> None:
     """Run the service on its embedded local stack (SeaweedFS + Hypha), or on a server.
 
@@ -160,51 +156,29 @@ def serve(
         check_platform()  # the embedded stack needs Linux or macOS: say so before anything
     if reason := unused_gpu_reason():  # at start, not at the first slow request
         click.echo(f"warning: {reason}", err=True)
-    ray_options = None
-    if backend == "ray":
-        from cellpose_finetuning.deploy.ray_backend import RayOptions
+    from cellpose_finetuning.deploy.ray_backend import RayOptions
 
-        ray_options = RayOptions(
-            address=ray_address,
-            num_cpus=ray_num_cpus,
-            num_gpus=ray_num_gpus,
-            inference_replicas=inference_replicas,
-            max_inference_replicas=max_inference_replicas,
-            replica_cpus=replica_cpus,
-            replica_gpus=replica_gpus,
-            training_cpus=training_cpus,
-            training_gpus=training_gpus,
-            max_queued_trainings=max_queued_trainings,
-        )
-    stack = StackConfig(
-        data_dir=data_dir,
-        hypha_port=hypha_port,
-        s3_port=s3_port,
-        weed_master_port=weed_master_port,
-        weed_volume_port=weed_volume_port,
-        weed_filer_port=weed_filer_port,
+    # Every other option is a field of one of three configurations, by name
+    # (the Ray ones may carry a "ray_" prefix): nothing is copied by hand.
+    service_config = _fields(ServiceConfig, options)
+    service_config["training_time_slice_s"] = (
+        None if training_time_slice < 0 else training_time_slice
     )
-    options = ServeOptions(
+    stack = StackConfig(data_dir=data_dir, **_fields(StackConfig, options))
+    ray_options = RayOptions(**_fields(RayOptions, options, prefix="ray_"))
+    assert not options, f"serve options without a home: {sorted(options)}"
+    serve_options = ServeOptions(
         data_dir=data_dir,
         stack=None if server_url else stack,
         server_url=server_url,
         workspace=workspace,
         token=token,
         user=user,
-        service_config={
-            "max_concurrent_trainings": max_concurrent_trainings,
-            "max_active_sessions_per_user": max_active_sessions_per_user,
-            "max_epochs": max_epochs,
-            "max_pixels": max_pixels,
-            "max_files": max_files,
-            "max_sessions_per_user": max_sessions_per_user,
-            "max_waiting_infers_per_user": max_waiting_infers_per_user,
-            "training_time_slice_s": None if training_time_slice < 0 else training_time_slice,
-        },
+        service_config=service_config,
         backend=backend,
-        ray=ray_options,
+        ray=ray_options if backend == "ray" else None,
     )
-    result = asyncio.run(run_serve(options, own_process=True))
+    result = asyncio.run(run_serve(serve_options, own_process=True))
     if result["forced"]:
         # A second signal asked for a fast stop and every child is gone: skip
         # the exit hooks (Ray's would wait for the processes killed above).
