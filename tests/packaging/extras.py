@@ -39,6 +39,8 @@ EXTRAS_OF: dict[str, frozenset[str]] = {
     "cellpose_finetuning/deploy/testing.py": frozenset({"server"}),
     "cellpose_finetuning/web/": frozenset({"server"}),
     "cellpose_finetuning/deploy/ray_backend.py": frozenset({"ray"}),
+    # lazy Zarr and compressed-TIFF access for whole-slide images
+    "cellpose_finetuning/engine/blockio.py": frozenset({"wsi"}),
 }
 
 #: modules each install must import (base's are imported by every extra's venv too)
