@@ -45,8 +45,10 @@ from common import (
     dev_image,
     emit,
     peak_rss_bytes,
+    peak_rss_now_bytes,
     profile_call,
     profile_difference,
+    reset_peak_rss,
     rss_bytes,
     serve_commands,
     set_torch_threads,
@@ -56,24 +58,6 @@ from fixtures import cells_model
 
 TITLE = "Inference overhead"
 STACK = DEV_DATA / "images" / "3d" / "nuclei3d.tif"
-
-
-def _reset_peak() -> bool:
-    """Reset the kernel's peak-RSS counter of this process (Linux only)."""
-    try:
-        with open("/proc/self/clear_refs", "w") as fh:
-            fh.write("5")
-        return True
-    except OSError:
-        return False
-
-
-def _hwm_bytes() -> int:
-    with open("/proc/self/status") as fh:
-        for line in fh:
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) * 1024
-    return peak_rss_bytes()
 
 
 def worker(cfg: dict[str, Any]) -> None:
@@ -122,12 +106,12 @@ def worker(cfg: dict[str, Any]) -> None:
         state.pop("masks", None)
         state["calls"] += 1
         before = rss_bytes()
-        reset = state["calls"] == cfg["reps"] and _reset_peak()
+        reset = state["calls"] == cfg["reps"] and reset_peak_rss()
         t0, c0 = time.perf_counter(), time.process_time()
         masks = run(image)
         t, cpu = time.perf_counter() - t0, time.process_time() - c0
         if reset:
-            state["call_peak"] = _hwm_bytes()
+            state["call_peak"] = peak_rss_now_bytes()
             state["before_call"] = before
         state["masks"] = masks
         return {"time": t, "cpu": cpu}

@@ -43,6 +43,8 @@ from common import (
     dev_image,
     emit,
     peak_rss_bytes,
+    peak_rss_now_bytes,
+    reset_peak_rss,
     rss_bytes,
     run_python,
     set_torch_threads,
@@ -58,23 +60,6 @@ SLIDE_SIDE = int(os.environ.get("BENCH_WSI_SIDE", "16384"))
 #: (default: chosen from the available memory), for slow machines.
 COMPARE_SIDE = int(os.environ.get("BENCH_WSI_SIZE", "0"))
 COMPARE_BLOCK = int(os.environ.get("BENCH_WSI_BLOCK", "0")) or None
-
-
-def _reset_peak() -> bool:
-    try:
-        with open("/proc/self/clear_refs", "w") as fh:
-            fh.write("5")
-        return True
-    except OSError:
-        return False
-
-
-def _hwm_bytes() -> int:
-    with open("/proc/self/status") as fh:
-        for line in fh:
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) * 1024
-    return peak_rss_bytes()
 
 
 def make_slide(path: Path, side: int, seed: int = 0) -> dict[str, Any]:
@@ -138,11 +123,11 @@ def worker(cfg: dict[str, Any]) -> None:
         warm = image[:256, :256].copy()
     run(warm)
     before = rss_bytes()
-    reset = _reset_peak()
+    reset = reset_peak_rss()
     t0, c0 = time.perf_counter(), time.process_time()
     result = run(image)
     seconds, cpu = time.perf_counter() - t0, time.process_time() - c0
-    call_peak = _hwm_bytes() if reset else None
+    call_peak = peak_rss_now_bytes() if reset else None
     info: dict[str, Any] = {
         "time": seconds,
         "cpu": cpu,

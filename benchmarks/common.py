@@ -109,6 +109,28 @@ def peak_rss_bytes() -> int:
     return peak if sys.platform == "darwin" else peak * 1024
 
 
+def reset_peak_rss() -> bool:
+    """Reset the kernel's peak-RSS counter of this process (Linux only); False if it cannot."""
+    try:
+        with open("/proc/self/clear_refs", "w") as fh:
+            fh.write("5")
+        return True
+    except OSError:
+        return False
+
+
+def peak_rss_now_bytes() -> int:
+    """Peak RSS since the last :func:`reset_peak_rss` (``VmHWM``; ``getrusage`` elsewhere)."""
+    try:
+        with open("/proc/self/status") as fh:
+            for line in fh:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return peak_rss_bytes()
+
+
 # --------------------------------------------------------------------------- machine
 def machine_info() -> dict[str, Any]:
     """CPU model, cores, memory, GPU and library versions of this machine."""
