@@ -132,3 +132,33 @@ def test_web_suffixes_are_the_readers() -> None:
     pairing = _js("js/pairing.js")
     assert sorted(_js_list(pairing, "IMAGE_SUFFIXES")) == sorted(SUPPORTED_IMAGE_SUFFIXES)
     assert sorted(_js_list(pairing, "ANNOTATION_ONLY_SUFFIXES")) == sorted(POLYGON_SUFFIXES)
+
+
+README = Path(__file__).resolve().parents[1] / "README.md"
+
+
+def _readme_defaults(section: str) -> dict[str, str]:
+    """``| `field` | default | ...`` rows of one README section: field -> default cell."""
+    text = README.read_text(encoding="utf-8").split(f"## {section}\n", 1)[1].split("\n## ", 1)[0]
+    rows = re.findall(r"^\| `([a-z_A-Z0-9]+)` \| ([^|]+) \|", text, re.M)
+    return {name: cell.strip().strip("`") for name, cell in rows}
+
+
+def _same(cell: str, value: object) -> bool:
+    if value is None:
+        return cell == "None"
+    return float(cell) == float(value)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize(
+    ("section", "defaults"),
+    [
+        ("Inference parameters", INFERENCE_DEFAULTS),
+        ("Training settings, honestly", TRAINING_DEFAULTS),
+    ],
+)
+def test_readme_tables_show_the_settings_defaults(section: str, defaults: dict) -> None:
+    rows = {k: v for k, v in _readme_defaults(section).items() if k in defaults}
+    assert rows, f"no settings table in README section {section!r}"
+    for name, cell in rows.items():
+        assert _same(cell, defaults[name]), f"README {section}: {name}={cell}, not {defaults[name]}"
