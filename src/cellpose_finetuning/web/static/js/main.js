@@ -93,6 +93,9 @@ async function main() {
       btn.disabled = !allowed;
       btn.title = allowed ? "" : "log in with a token to use this";
     }
+    // Asked once; the train, segment and export panels all build forms from it.
+    conn.capabilities = conn.call("get_training_capabilities");
+    conn.capabilities.catch(() => {}); // each panel reports a failure in its own message
     await Promise.all(panels.map((p) => p.start(conn)));
     app.showTab(conn.anonymous ? "segment" : "data");
     setState(conn.anonymous ? "anonymous" : "connected");

@@ -30,10 +30,6 @@ export class ExportPanel {
       $("#find-datasets").replaceChildren(...list.map((ds) => el("option", { value: ds.id })));
       if (!$("#find-dataset").value && list.length) $("#find-dataset").value = list[0].id;
     });
-    app.on("capabilities", (caps) => {
-      applySchema(PARAMS, caps.inference_parameters, $);
-      if (caps.model_name_pattern) this.modelName = new RegExp(`^(?:${caps.model_name_pattern})$`);
-    });
     app.on("export-session", (id) => {
       $("#export-session").value = id;
       app.showTab("export");
@@ -43,6 +39,12 @@ export class ExportPanel {
   async start(conn) {
     this.conn = conn;
     $("#export-collection").value = conn.config.collection || "";
+    if (conn.anonymous) return;
+    await run(null, $("#export-msg"), async () => {
+      const caps = await conn.capabilities;
+      applySchema(PARAMS, caps.inference_parameters, $);
+      this.modelName = new RegExp(`^(?:${caps.model_name_pattern})$`);
+    });
   }
 
   sessionOptions(list) {

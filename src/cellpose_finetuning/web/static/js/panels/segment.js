@@ -54,9 +54,7 @@ export class SegmentPanel {
   async start(conn) {
     this.conn = conn;
     await run(null, $("#seg-msg"), async () => {
-      const caps = await conn.call("get_training_capabilities");
-      applySchema(PARAMS, caps.inference_parameters, $);
-      this.app.emit("capabilities", caps);
+      applySchema(PARAMS, (await conn.capabilities).inference_parameters, $);
     });
     const a = $("#seg-model-a");
     if (conn.anonymous) {

@@ -37,7 +37,7 @@ export class TrainPanel {
     this.conn = conn;
     if (conn.anonymous) return;
     await run(null, $("#train-msg"), async () => {
-      const caps = await conn.call("get_training_capabilities");
+      const caps = await conn.capabilities;
       this.caps = caps;
       const models = caps.models.map((m) => m.name);
       $("#train-model").replaceChildren(...models.map((n) => el("option", { value: n }, n)));
