@@ -17,30 +17,38 @@ block is in memory at a time:
 2. **Normalisation** uses the whole image's percentiles, computed the way
    ``transforms.normalize99`` does (on the strided subsample above 224³
    pixels), read block by block.
-3. **Masks** come from cellpose's ``dynamics.resize_and_compute_masks`` on
-   each outer region (``max_size_fraction`` scaled to keep the whole image's
-   threshold).
+3. **Flow dynamics and seeds** are cellpose's (``dynamics.compute_masks`` up
+   to its flow check) with one change: positions stay in the whole image's
+   normalised coordinates, as ``eval`` keeps them, and each step samples
+   the block at that image position. cellpose normalises by the array's
+   size and samples with ``grid_sample(align_corners=False)``, so on a
+   smaller array the same pixel would read its flow up to half a pixel
+   elsewhere. Seeds and masks: ``get_masks_torch`` on the outer region
+   (``max_size_fraction`` scaled to keep the whole image's threshold).
 4. **Stitching rule: the centre decides.** A block keeps only the objects
-   whose centroid (mean pixel position, floored) lies in its core, and writes
-   them under new global labels. Cores partition the image, so an object cut
-   by a core border is found whole in the outer region of the block that
-   holds its centre, and no other block writes it: it is never split in two.
-   This needs ``overlap`` larger than the largest object's extent beyond the
-   core (objects that still touch an inner outer border are counted in
-   ``BlockwiseResult.truncated``). Overlapping claims (possible only where two
-   blocks segment differently) keep the first writer's pixels.
+   whose centroid (mean pixel position, floored) lies in its core. Cores
+   partition the image, so an object cut by a core border is found whole in
+   the outer region of the block that holds its centre, and no other block
+   keeps it: it is never split in two. This needs ``overlap`` larger than
+   the largest object's extent beyond the core (objects that still touch an
+   inner outer border are counted in ``BlockwiseResult.truncated``).
+   Overlapping claims (possible only where two blocks segment differently)
+   keep the first writer's pixels.
+5. **Flow check, second pass.** cellpose's ``remove_bad_flow_masks``
+   diffuses each object's mask flows for 2 × the *largest* object's extent
+   in the array, so on one block an object's flow error would depend on the
+   other objects of that block. The kept objects and their network flows go
+   to a temporary folder (sparse, on disk); once every block has run, the
+   whole image's diffusion length is known and a second pass over the
+   blocks does the flow check with it, then cellpose's
+   ``fill_holes_and_remove_small_masks``, and writes the labels.
 
 With the block as large as the image the masks are those of ``eval`` (the
 engine's :func:`~cellpose_finetuning.engine.inference.segment`), bit for bit.
-With smaller blocks two steps of cellpose's mask computation are not local,
-so a few objects differ: its flow check (``remove_bad_flow_masks``) diffuses
-each array's masks for 2 × the *largest* object's extent in that array, so an
-object's flow error depends on which other objects share its array, and
-objects near ``flow_threshold`` are kept in one pass and dropped in the other
-(whole objects, far from block borders); and the flow dynamics run in
-coordinates normalised by the array's size (float32), which moves a few
-boundary pixels. Measured on 2048² dev nuclei with 1024² blocks and a weakly
-trained network: AP@0.5 0.964 against ``eval`` (705 matched, all at IoU ≥ 0.9).
+With smaller blocks what can still differ: objects whose pixels converge
+outside the block's outer region (larger than ``overlap``), float32
+rounding of the re-mapped positions (a boundary pixel between touching
+objects), and the order of seeds with equal counts.
 
 Input may be a numpy array (or ``np.memmap``), any lazy array with numpy
 slicing (zarr), or a TIFF/Zarr path; masks go to an array or a new TIFF/Zarr
@@ -378,13 +386,14 @@ def segment_blockwise(
     out_dtype : str
         Label dtype of a new output.
     progress : callable, optional
-        Called with a :class:`BlockProgress` after each block.
+        Called with a :class:`BlockProgress` after each block (both passes:
+        ``total`` is twice the number of blocks).
 
     Returns
     -------
     BlockwiseResult
     """
-    from cellpose import dynamics
+    import tempfile
 
     settings = settings or InferenceSettings()
     _check_settings(settings)
@@ -413,35 +422,58 @@ def segment_blockwise(
             last_use[t] = k
     niter = settings.niter or 200
     total_px = float(height * width)
-    n_objects = truncated = 0
-    per_block: list[int] = []
-    for k, blk in enumerate(blocks):
-        grid.run(net, img, norms, needed[k], settings.batch_size)
-        ys, xs = blk.outer
-        yf = grid.average(ys, xs)
-        for t in needed[k]:
-            if last_use[t] == k:
-                del grid.cache[t]
-        oh, ow = yf.shape[1:]
-        masks = dynamics.resize_and_compute_masks(
-            yf[:2],
-            yf[2],
-            niter=niter,
-            cellprob_threshold=settings.cellprob_threshold,
-            flow_threshold=settings.flow_threshold,
-            min_size=settings.min_size,
-            max_size_fraction=0.4 * total_px / (oh * ow),  # the whole image's threshold
-            device=model.device,
-        )
-        del yf
-        kept, cut = _keep_centred(masks, blk, (height, width))
-        truncated += cut
-        n_new = _write(target, blk, masks, kept, n_objects)
-        n_objects += n_new
-        per_block.append(n_new)
-        del masks
-        if progress is not None:
-            progress(BlockProgress(k + 1, len(blocks), n_objects, time.perf_counter() - t0))
+    steps = 2 * len(blocks)
+    truncated = found = max_ext = 0
+    with tempfile.TemporaryDirectory(prefix="cpft-blocks-") as tmp:
+        store = _ObjectStore(tmp)
+        # Pass 1: network, flow dynamics and seeds per block; the objects centred
+        # in the core are kept, with their flows, for the flow check.
+        for k, blk in enumerate(blocks):
+            grid.run(net, img, norms, needed[k], settings.batch_size)
+            yf = grid.average(*blk.outer)
+            for t in needed[k]:
+                if last_use[t] == k:
+                    del grid.cache[t]
+            masks = _masks_before_flow_check(
+                yf[:2],
+                yf[2],
+                niter=niter,
+                cellprob_threshold=settings.cellprob_threshold,
+                offset=(blk.outer[0].start, blk.outer[1].start),
+                full_shape=(height, width),
+                max_size_fraction=0.4 * total_px / (yf.shape[1] * yf.shape[2]),
+                device=model.device,
+            )
+            kept, cut = _keep_centred(masks, blk, (height, width))
+            truncated += cut
+            found += int(kept.size)
+            max_ext = max(max_ext, store.put(k, masks, kept, yf[:2]))
+            del yf, masks
+            if progress is not None:
+                progress(BlockProgress(k + 1, steps, found, time.perf_counter() - t0))
+        # Pass 2: cellpose's flow check with the whole image's diffusion length,
+        # then holes and small objects, then the labels are written.
+        n_objects = 0
+        per_block: list[int] = []
+        for k, blk in enumerate(blocks):
+            stored = store.get(k)
+            if stored is not None:
+                masks = _finish_masks(
+                    *stored,
+                    settings.flow_threshold,
+                    settings.min_size,
+                    2 * max_ext,
+                    model.device,
+                )
+                n_new = _write(target, blk, masks, np.arange(1, int(masks.max()) + 1), n_objects)
+            else:
+                n_new = 0
+            n_objects += n_new
+            per_block.append(n_new)
+            if progress is not None:
+                progress(
+                    BlockProgress(len(blocks) + k + 1, steps, n_objects, time.perf_counter() - t0)
+                )
     return BlockwiseResult(
         masks=target,
         n_objects=n_objects,
@@ -454,6 +486,187 @@ def segment_blockwise(
         seconds=time.perf_counter() - t0,
         per_block_objects=per_block,
     )
+
+
+# --------------------------------------------------------------------------- masks
+def _masks_before_flow_check(
+    flows_yx: np.ndarray,
+    cellprob: np.ndarray,
+    *,
+    niter: int,
+    cellprob_threshold: float,
+    offset: tuple[int, int],
+    full_shape: tuple[int, int],
+    max_size_fraction: float,
+    device: Any,
+) -> np.ndarray:
+    """``dynamics.compute_masks`` up to its flow check, in the whole image's coordinates.
+
+    cellpose's ``steps_interp`` normalises positions and flows by the array's
+    size and samples with ``grid_sample(align_corners=False)``, so where a
+    pixel's flow is read depends on the array's size (up to half a pixel off
+    at the borders). Here the positions are those of the whole image, as
+    ``eval`` keeps them, and each step samples the block at the same
+    image position; seeds and masks are cellpose's ``get_masks_torch``.
+    """
+    import torch
+    from cellpose.dynamics import get_masks_torch
+
+    shape = cellprob.shape
+    fg = cellprob > cellprob_threshold
+    if not fg.any():
+        return np.zeros(shape, "uint16")
+    inds = np.nonzero(fg)
+    flows = flows_yx * fg / 5.0
+    n = len(inds[0])
+    h, w = shape
+    big_h, big_w = full_shape
+    oy, ox = offset
+    pt = torch.zeros((1, 1, n, 2), dtype=torch.float32)
+    im = torch.zeros((1, 2, h, w), dtype=torch.float32)
+    pt[0, 0, :, 1] = torch.from_numpy(inds[0] + oy).to(torch.float32)
+    pt[0, 0, :, 0] = torch.from_numpy(inds[1] + ox).to(torch.float32)
+    im[0, 1] = torch.from_numpy(flows[0])
+    im[0, 0] = torch.from_numpy(flows[1])
+    norm = np.array([big_w, big_h], "float") - 1  # cellpose's order: x, y
+    for k in range(2):
+        im[:, k] *= 2.0 / norm[k]
+        pt[..., k] /= norm[k]
+    pt *= 2
+    pt -= 1
+    # Whole-image normalised x -> this block's normalised x (align_corners=False)
+    # at the same pixel: x_b = x * L / l + (L - 2 o - l) / l, per axis. Steps scale
+    # by L / l; the whole image's clamp to [-1, 1] moves with them. One block as
+    # large as the image: factor 1, shift 0, cellpose's arithmetic exactly.
+    factor = (big_w / w, big_h / h)
+    shift = ((big_w - 2 * ox - w) / w, (big_h - 2 * oy - h) / h)
+    for k in range(2):
+        if factor[k] != 1.0 or shift[k] != 0.0:
+            im[:, k] *= factor[k]
+            pt[..., k] *= factor[k]
+            pt[..., k] += shift[k]
+    low = [shift[k] - factor[k] for k in range(2)]
+    high = [shift[k] + factor[k] for k in range(2)]
+    for _ in range(niter):
+        dpt = torch.nn.functional.grid_sample(im, pt, align_corners=False)
+        for k in range(2):
+            pt[..., k] = torch.clamp(pt[..., k] + dpt[:, k], low[k], high[k])
+    for k in range(2):
+        if factor[k] != 1.0 or shift[k] != 0.0:
+            pt[..., k] -= shift[k]
+            pt[..., k] /= factor[k]
+    pt += 1
+    pt *= 0.5
+    for k in range(2):
+        pt[..., k] *= norm[k]
+    p = pt[..., [1, 0]].squeeze()
+    p = p.unsqueeze(0) if p.ndim == 1 else p
+    p = p.T.int()
+    p[0] -= oy
+    p[1] -= ox
+    return get_masks_torch(p, inds, shape, max_size_fraction=max_size_fraction)
+
+
+def _finish_masks(
+    masks: np.ndarray,
+    dp: np.ndarray,
+    n_kept: int,
+    flow_threshold: float | None,
+    min_size: int,
+    diffusion_iters: int,
+    device: Any,
+) -> np.ndarray:
+    """cellpose's steps after the seeds: flow check, holes, small objects.
+
+    ``masks`` holds one block's objects: the kept ones as 1..``n_kept``, the
+    others (their neighbours) after them. Mask flows diffuse for
+    ``diffusion_iters`` steps, the whole image's ``2 x largest extent``
+    (``masks_to_flows_gpu``'s default on the whole array), so a kept
+    object's flow error is the one ``eval`` computes. Returns the kept
+    objects that pass, relabelled 1..n.
+    """
+    from cellpose import dynamics, utils
+    from scipy.ndimage import mean
+
+    bad = np.zeros(0, "int64")
+    if flow_threshold is not None and flow_threshold > 0:
+        mu = dynamics.masks_to_flows_gpu(masks, device=device, niter=diffusion_iters)
+        index = np.arange(1, n_kept + 1)
+        errors = np.zeros(index.size)
+        for i in range(2):
+            errors += mean((mu[i] - dp[i] / 5.0) ** 2, masks, index=index)
+        bad = 1 + np.nonzero(errors > flow_threshold)[0]
+    masks[masks > n_kept] = 0
+    masks[np.isin(masks, bad)] = 0
+    return utils.fill_holes_and_remove_small_masks(masks, min_size=min_size)
+
+
+class _ObjectStore:
+    """Per block, the kept objects (sparse) and their network flows, on disk.
+
+    Pass 2 needs them after every block has run; on disk they cost no memory.
+    """
+
+    def __init__(self, folder: str) -> None:
+        from pathlib import Path
+
+        self.folder = Path(folder)
+        self.shapes: dict[int, tuple[int, int]] = {}
+
+    def put(self, k: int, masks: np.ndarray, kept: np.ndarray, flows_yx: np.ndarray) -> int:
+        """Store block ``k``'s objects, the kept ones first; return the kept ones' largest extent.
+
+        The objects that touch a kept one are stored too: a kept object's
+        mask flows at its border read the diffusion ``T`` of the object next
+        to it (cellpose's gradient takes the 4-neighbours whatever their
+        label), so its flow error depends on its neighbours.
+        """
+        from scipy.ndimage import find_objects
+
+        self.shapes[k] = masks.shape
+        if kept.size == 0:
+            return 0
+        n = int(masks.max())
+        is_kept = np.zeros(n + 1, bool)
+        is_kept[kept] = True
+        inside = is_kept[masks]
+        touching = [
+            masks[1:][inside[:-1]],
+            masks[:-1][inside[1:]],
+            masks[:, 1:][inside[:, :-1]],
+            masks[:, :-1][inside[:, 1:]],
+        ]
+        others = np.unique(np.concatenate(touching))
+        others = others[(others > 0) & ~is_kept[others]]
+        lut = np.zeros(n + 1, "uint32")
+        lut[kept] = np.arange(1, kept.size + 1, dtype="uint32")
+        lut[others] = np.arange(kept.size + 1, kept.size + 1 + others.size, dtype="uint32")
+        local = lut[masks]
+        idx = np.flatnonzero(local)
+        np.savez(
+            self.folder / f"{k}.npz",
+            idx=idx.astype("int64"),
+            labels=local.ravel()[idx],
+            dp=flows_yx.reshape(2, -1)[:, idx],
+            n_kept=np.int64(kept.size),
+        )
+        slices = find_objects(local, max_label=int(kept.size))
+        return max((s[0].stop - s[0].start) + (s[1].stop - s[1].start) + 2 for s in slices if s)
+
+    def get(self, k: int) -> tuple[np.ndarray, np.ndarray, int] | None:
+        """Block ``k``'s masks (kept objects 1..m, then the others), flows and m."""
+        path = self.folder / f"{k}.npz"
+        if not path.exists():
+            return None
+        with np.load(path) as data:
+            shape = self.shapes[k]
+            masks = np.zeros(shape[0] * shape[1], "uint32")
+            masks[data["idx"]] = data["labels"]
+            dp = np.zeros((2, shape[0] * shape[1]), "float32")
+            dp[:, data["idx"]] = data["dp"]
+            n_kept = int(data["n_kept"])
+        path.unlink()
+        return masks.reshape(shape), dp.reshape(2, *shape), n_kept
 
 
 def _keep_centred(masks: np.ndarray, blk: Block, shape: tuple[int, int]) -> tuple[np.ndarray, int]:
