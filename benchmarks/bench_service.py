@@ -315,7 +315,8 @@ async def measure(cfg: dict[str, Any]) -> dict[str, Any]:
         t0 = time.perf_counter()
         stack = await asyncio.to_thread(start_test_stack, data_dir)
         (data_dir / "models").mkdir(parents=True, exist_ok=True)
-        shutil.copy(cfg["model"], data_dir / "models" / f"{MODEL_NAME}.pth")
+        if cfg["model"]:
+            shutil.copy(cfg["model"], data_dir / "models" / f"{MODEL_NAME}.pth")
         token = stack.token(SERVICE_USER, roles=("admin",), workspace=stack.workspace)
         admin, server, service, _info = await start_service(
             stack.server_url,
@@ -403,17 +404,18 @@ def run(ctx: Context) -> CaseResult:
     work = ctx.work_dir / "service"
     shutil.rmtree(work, ignore_errors=True)
     work.mkdir(parents=True)
+    # BENCH_SERVICE_FETCH_ONLY=1: the dataset fetch rows alone (no RPC, no infer)
+    fetch_only = os.environ.get("BENCH_SERVICE_FETCH_ONLY") == "1"
     cfg = {
         "work_dir": str(work),
-        "model": str(cells_model(ctx)),
+        "model": "" if fetch_only else str(cells_model(ctx)),
         "rpc_calls": 100 if ctx.quick else 400,
         "infer_size": 512 if ctx.quick else 2048,
         "infer_reps": ctx.reps(3),
         "n_files": 300 if ctx.quick else 2500,
         "fetch_reps": ctx.reps(3),
         "profile": ctx.quick,
-        # BENCH_SERVICE_FETCH_ONLY=1: the dataset fetch rows alone (no RPC, no infer)
-        "fetch_only": os.environ.get("BENCH_SERVICE_FETCH_ONLY") == "1",
+        "fetch_only": fetch_only,
     }
     try:
         raw, wall = run_python(

@@ -305,9 +305,11 @@ class ArtifactFiles:
 
         ``version`` (a version asked for by name) replaces the default one.
         """
-        safe = safe_relpath(path, "path")
+        return self._cache_root(record, version) / safe_relpath(path, "path")
+
+    def _cache_root(self, record: dict[str, Any], version: str | None) -> Path:
         name = version if version and _ALIAS.match(version) else artifact_version(record)
-        return self.cache_dir / artifact_uid(record) / name / safe
+        return self.cache_dir / artifact_uid(record) / name
 
     async def download(
         self,
@@ -340,15 +342,16 @@ class ArtifactFiles:
             record = await self.read(artifact_id)
         if files is None or any(p not in files for p in paths):
             files = {**(files or {}), **await self.stat(artifact_id, paths, version=version)}
-        local = {p: self.cache_path(record, p, version) for p in paths}
+        root = self._cache_root(record, version)
+        local = {p: root / safe_relpath(p, "path") for p in paths}
         todo = [p for p, dest in local.items() if not files[p].matches(dest)]
         total, done = len(paths), len(paths) - len(todo)
         if progress:
             progress(done, total)
 
-        def arrived() -> None:
+        def arrived(files: int = 1) -> None:
             nonlocal done
-            done += 1
+            done += files
             if progress:
                 progress(done, total)
 
@@ -365,7 +368,7 @@ class ArtifactFiles:
         local: dict[str, Path],
         files: dict[str, FileInfo],
         version: str | None,
-        arrived: Callable[[], None],
+        arrived: Callable[[int], None],
     ) -> list[str]:
         """Read ``todo`` straight from S3; the paths that must go through presigned URLs."""
         assert self.direct is not None
@@ -382,7 +385,7 @@ class ArtifactFiles:
         local: dict[str, Path],
         files: dict[str, FileInfo],
         version: str | None,
-        arrived: Callable[[], None],
+        arrived: Callable[[int], None],
     ) -> None:
         """Download ``todo`` through presigned URLs asked for in batches."""
         import httpx
@@ -410,7 +413,7 @@ class ArtifactFiles:
                 if info.last_modified is not None:
                     os.utime(tmp, (info.last_modified, info.last_modified))
                 os.replace(tmp, dest)
-                arrived()
+                arrived(1)
 
             async def batch(paths: list[str]) -> None:
                 # Presigning costs the server ~2 ms a file (one S3 HEAD each), so

@@ -40,6 +40,9 @@ __all__ = ["DirectS3Reader", "S3Access"]
 
 log = logging.getLogger(__name__)
 
+#: Files read between two progress reports.
+PROGRESS_EVERY = 25
+
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
 
 
@@ -169,9 +172,13 @@ class DirectS3Reader:
         keys: dict[str, str],
         local: dict[str, Path],
         files: dict[str, Any],
-        arrived: Callable[[], None],
+        arrived: Callable[[int], None],
     ) -> list[str]:
         """Read every path of ``keys`` into ``local[path]``; the paths that were not read.
+
+        All reads go to the thread pool at once (one hand-over, as a plain
+        ``ThreadPoolExecutor.map`` does): handing over one future per file
+        from the event loop cost more than the reads of small files.
 
         Parameters
         ----------
@@ -182,25 +189,37 @@ class DirectS3Reader:
         files : dict
             Path -> the listing's ``FileInfo`` (``size``, ``last_modified``).
         arrived : callable
-            Called once per file read.
+            Called in the event loop with how many more files were read (every
+            :data:`PROGRESS_EVERY` files and at the end).
         """
         loop = asyncio.get_running_loop()
+        lock = threading.Lock()
+        count = [0, 0]  # read, reported
 
-        async def one(path: str) -> str | None:
+        def one(path: str) -> str | None:
             info = files[path]
-            why = await loop.run_in_executor(
-                self.pool, self.read_to, keys[path], local[path], info.size, info.last_modified
-            )
-            if why is None:
-                self.reads += 1
-                arrived()
-                return None
-            self.fallbacks += 1
-            log.info("%s: not read from S3 directly (%s); using a presigned URL", path, why)
-            return path
+            why = self.read_to(keys[path], local[path], info.size, info.last_modified)
+            if why is not None:
+                log.info("%s: not read from S3 directly (%s); using a presigned URL", path, why)
+                return path
+            with lock:
+                count[0] += 1
+                if count[0] - count[1] >= PROGRESS_EVERY:
+                    loop.call_soon_threadsafe(arrived, count[0] - count[1])
+                    count[1] = count[0]
+            return None
 
-        missed = await asyncio.gather(*(one(p) for p in keys))
-        return [p for p in missed if p is not None]
+        def read_all() -> list[str | None]:
+            return list(self.pool.map(one, list(keys)))
+
+        try:
+            missed = [p for p in await asyncio.to_thread(read_all) if p is not None]
+        finally:
+            if count[0] > count[1]:
+                arrived(count[0] - count[1])
+            self.reads += count[0]
+        self.fallbacks += len(missed)
+        return missed
 
     def close(self) -> None:
         """Stop the threads (reads in flight finish)."""
