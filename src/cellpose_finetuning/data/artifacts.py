@@ -341,7 +341,11 @@ class ArtifactFiles:
         if record is None:
             record = await self.read(artifact_id)
         if files is None or any(p not in files for p in paths):
-            files = {**(files or {}), **await self.stat(artifact_id, paths, version=version)}
+            missing = [p for p in paths if p not in (files or {})]
+            listed = await self._direct_stat(record, missing, version)
+            if listed is None:
+                listed = await self.stat(artifact_id, missing, version=version)
+            files = {**(files or {}), **listed}
         root = self._cache_root(record, version)
         local = {p: root / safe_relpath(p, "path") for p in paths}
         todo = [p for p, dest in local.items() if not files[p].matches(dest)]
@@ -360,6 +364,14 @@ class ArtifactFiles:
         if todo:
             await self._download_presigned(artifact_id, todo, local, files, version, arrived)
         return local
+
+    async def _direct_stat(
+        self, record: dict[str, Any], paths: list[str], version: str | None
+    ) -> dict[str, FileInfo] | None:
+        """``paths`` listed from S3 directly; None: ask the artifact manager."""
+        prefix = self.direct.key_prefix(record, version) if self.direct is not None else None
+        got = await self.direct.stat(prefix, paths) if prefix and self.direct else None
+        return None if got is None else {p: FileInfo(*got[p]) for p in paths}
 
     async def _download_direct(
         self,

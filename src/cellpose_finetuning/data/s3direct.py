@@ -167,6 +167,33 @@ class DirectS3Reader:
         os.replace(tmp, dest)
         return None
 
+    def list_folder(self, prefix: str) -> dict[str, tuple[int, float]]:
+        """Objects directly below ``prefix`` (blocking): name -> (size, last-modified time).
+
+        The values are those hypha 0.21.137's ``list_files`` reports (S3's
+        ``Size`` and ``LastModified`` as a timestamp), so the cache's identity
+        check holds whichever listed the files. Listing S3 directly spares
+        Hypha's listing, which re-reads the folder from its start for every
+        page of 1000 and builds a new S3 client per call.
+        """
+        out: dict[str, tuple[int, float]] = {}
+        pages = self._s3().get_paginator("list_objects_v2")
+        for page in pages.paginate(Bucket=self.access.bucket, Prefix=prefix, Delimiter="/"):
+            for obj in page.get("Contents", []):
+                out[obj["Key"][len(prefix) :]] = (int(obj["Size"]), obj["LastModified"].timestamp())
+        return out
+
+    async def stat(self, prefix: str, paths: list[str]) -> dict[str, tuple[int, float]] | None:
+        """(size, last-modified time) of each path below ``prefix``; None if one is missing."""
+        listed: dict[str, tuple[int, float]] = {}
+        for folder in dict.fromkeys(p.rpartition("/")[0] for p in paths):
+            below = f"{prefix}{folder}/" if folder else prefix
+            got = await asyncio.to_thread(self.list_folder, below)
+            listed.update({f"{folder}/{n}" if folder else n: v for n, v in got.items()})
+        if any(p not in listed for p in paths):
+            return None  # not where the default layout puts it: the artifact manager knows
+        return {p: listed[p] for p in paths}
+
     async def fetch(
         self,
         keys: dict[str, str],
