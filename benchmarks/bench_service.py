@@ -496,7 +496,7 @@ def _result(cfg: dict[str, Any], raw: dict[str, Any]) -> CaseResult:
             summarize([n / t for t in fetch["raw"]]),
             Target("min_ratio", 0.8),
             note="ours: `ArtifactFiles.download` as the service runs it on the embedded stack "
-            "(files listed through the artifact manager, then read straight from S3 with the "
+            "(files listed and read straight from S3 with the "
             "stack's keys, 16 threads, size checked against the listing) into a fresh cache; "
             "raw: boto3 `get_object` of the same keys, 16 threads, written to disk the same way",
         ),
@@ -524,8 +524,9 @@ def _result(cfg: dict[str, Any], raw: dict[str, Any]) -> CaseResult:
     notes.append(
         f"Dataset fetch, measured in one run, the three sides interleaved: direct S3 reads "
         f"{ours_s:.2f} s, presigned URLs {presigned_s:.2f} s, raw boto3 {raw_s:.2f} s for "
-        f"{n} files. What the direct path adds to raw boto3 is the listing through the "
-        f"artifact manager ({-(-n // 1000)} pages of 1000) and the cache's bookkeeping. The "
+        f"{n} files. What the direct path adds to raw boto3 is the listing (S3 "
+        f"ListObjectsV2, {-(-n // 1000)} pages of 1000) and the cache's bookkeeping (a "
+        f"temporary file, the store's mtime and an atomic rename per file). The "
         f"presigned path pays Hypha's signing: {presign_s:.2f} s for the URLs alone "
         f"({presign_s / n * 1e3:.1f} ms a file), because hypha 0.21.137's `get_file` sends "
         f"one S3 HEAD per path, one after the other, before it signs; a list of paths per call "
