@@ -67,3 +67,9 @@ MIN_TOKEN_LIFETIME_S = 24 * 3600
 #: The BioEngine application: its deployment id and its Ray Serve class.
 APP_ID = "cellpose-finetuning-app"
 APP_CLASS = "CellposeFinetuningApp"
+
+#: The embedded stack's S3 bucket for Hypha's workspaces and artifacts (``--workspace-bucket``),
+#: which the service also reads dataset files from directly (data/s3direct.py).
+STACK_S3_BUCKET = "hypha-workspaces"
+#: The region name the embedded stack gives Hypha and its own S3 clients.
+STACK_S3_REGION = "us-east-1"

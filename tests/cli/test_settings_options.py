@@ -237,6 +237,7 @@ SERVE_SERVICE = {
     "max_sessions_per_user": "max_sessions_per_user",
     "max_waiting_infers_per_user": "max_waiting_infers_per_user",
     "training_time_slice": "training_time_slice_s",
+    "direct_s3_reads": "direct_s3_reads",
 }
 SERVE_RAY = {
     "ray_address": "address",

@@ -76,6 +76,7 @@ def _fields(config: type, options: dict[str, Any], prefix: str = "") -> dict[str
 @settings_option(ServiceConfig, "max_files")
 @settings_option(ServiceConfig, "max_sessions_per_user")
 @settings_option(ServiceConfig, "max_waiting_infers_per_user")
+@settings_option(ServiceConfig, "direct_s3_reads")
 @click.option(
     "--training-time-slice",
     type=float,

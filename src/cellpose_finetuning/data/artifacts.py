@@ -4,7 +4,10 @@ The artifact manager's ``list_files`` returns at most ``limit`` entries per
 call (1000 by default, which was the original service's file cap); we page
 with ``offset`` until a short page. Files are fetched through presigned S3
 URLs asked for in batches and downloaded concurrently with httpx into a
-cache, so a second run on the same data downloads nothing.
+cache, so a second run on the same data downloads nothing. On the embedded
+stack the service gives :class:`ArtifactFiles` a direct S3 reader
+(:mod:`cellpose_finetuning.data.s3direct`): the same files, read with the
+service's S3 keys, without a presigned URL per file.
 
 The cache is keyed by what identifies the *bytes*, never by a name someone
 else could reuse: the artifact's internal id (a UUID that a deleted and
@@ -24,11 +27,14 @@ import re
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 from urllib.parse import urlparse
 
 from cellpose_finetuning.data.pairing import safe_relpath, spec_dir
 from cellpose_finetuning.errors import Forbidden, InvalidInput, NotFound
+
+if TYPE_CHECKING:
+    from cellpose_finetuning.data.s3direct import DirectS3Reader
 
 __all__ = [
     "ArtifactFiles",
@@ -130,14 +136,25 @@ class ArtifactFiles:
         Where downloaded files are kept.
     concurrency : int
         Parallel downloads.
+    direct : DirectS3Reader, optional
+        Reads files straight from the store's S3 (the embedded stack, where
+        the service holds the keys) instead of through presigned URLs; a
+        file it cannot place or find goes through a presigned URL. Whoever
+        calls :meth:`download` has checked the caller's permission already.
     """
 
     def __init__(
-        self, artifact_manager: Any, cache_dir: str | os.PathLike[str], *, concurrency: int = 16
+        self,
+        artifact_manager: Any,
+        cache_dir: str | os.PathLike[str],
+        *,
+        concurrency: int = 16,
+        direct: DirectS3Reader | None = None,
     ) -> None:
         self.am = artifact_manager
         self.cache_dir = Path(cache_dir)
         self.concurrency = concurrency
+        self.direct = direct
         #: Who owns which workspace (``service.auth.WorkspaceOwners``), set by the service.
         self.owners: Any = None
 
@@ -283,10 +300,16 @@ class ArtifactFiles:
                 raise InvalidInput(p, "no such file in the artifact")
         return {p: listed[p] for p in paths}
 
-    def cache_path(self, record: dict[str, Any], path: str) -> Path:
-        """Local path of a cached file: keyed by the artifact's internal id and version."""
-        safe = safe_relpath(path, "path")
-        return self.cache_dir / artifact_uid(record) / artifact_version(record) / safe
+    def cache_path(self, record: dict[str, Any], path: str, version: str | None = None) -> Path:
+        """Local path of a cached file: keyed by the artifact's internal id and version.
+
+        ``version`` (a version asked for by name) replaces the default one.
+        """
+        return self._cache_root(record, version) / safe_relpath(path, "path")
+
+    def _cache_root(self, record: dict[str, Any], version: str | None) -> Path:
+        name = version if version and _ALIAS.match(version) else artifact_version(record)
+        return self.cache_dir / artifact_uid(record) / name
 
     async def download(
         self,
@@ -315,19 +338,70 @@ class ArtifactFiles:
         progress : callable, optional
             Called with (done, total) as files arrive.
         """
-        import httpx
-
         if record is None:
             record = await self.read(artifact_id)
         if files is None or any(p not in files for p in paths):
-            files = {**(files or {}), **await self.stat(artifact_id, paths, version=version)}
-        local = {p: self.cache_path(record, p) for p in paths}
+            missing = [p for p in paths if p not in (files or {})]
+            listed = await self._direct_stat(record, missing, version)
+            if listed is None:
+                listed = await self.stat(artifact_id, missing, version=version)
+            files = {**(files or {}), **listed}
+        root = self._cache_root(record, version)
+        local = {p: root / safe_relpath(p, "path") for p in paths}
         todo = [p for p, dest in local.items() if not files[p].matches(dest)]
         total, done = len(paths), len(paths) - len(todo)
         if progress:
             progress(done, total)
-        if not todo:
-            return local
+
+        def arrived(files: int = 1) -> None:
+            nonlocal done
+            done += files
+            if progress:
+                progress(done, total)
+
+        if todo and self.direct is not None:
+            todo = await self._download_direct(record, todo, local, files, version, arrived)
+        if todo:
+            await self._download_presigned(artifact_id, todo, local, files, version, arrived)
+        return local
+
+    async def _direct_stat(
+        self, record: dict[str, Any], paths: list[str], version: str | None
+    ) -> dict[str, FileInfo] | None:
+        """``paths`` listed from S3 directly; None: ask the artifact manager."""
+        prefix = self.direct.key_prefix(record, version) if self.direct is not None else None
+        got = await self.direct.stat(prefix, paths) if prefix and self.direct else None
+        return None if got is None else {p: FileInfo(*got[p]) for p in paths}
+
+    async def _download_direct(
+        self,
+        record: dict[str, Any],
+        todo: list[str],
+        local: dict[str, Path],
+        files: dict[str, FileInfo],
+        version: str | None,
+        arrived: Callable[[int], None],
+    ) -> list[str]:
+        """Read ``todo`` straight from S3; the paths that must go through presigned URLs."""
+        assert self.direct is not None
+        prefix = self.direct.key_prefix(record, version)
+        if prefix is None:
+            return todo
+        keys = {p: prefix + safe_relpath(p, "path") for p in todo}
+        return await self.direct.fetch(keys, local, files, arrived)
+
+    async def _download_presigned(
+        self,
+        artifact_id: str,
+        todo: list[str],
+        local: dict[str, Path],
+        files: dict[str, FileInfo],
+        version: str | None,
+        arrived: Callable[[int], None],
+    ) -> None:
+        """Download ``todo`` through presigned URLs asked for in batches."""
+        import httpx
+
         sem = asyncio.Semaphore(self.concurrency)
         url_calls = asyncio.Semaphore(URL_CALLS)
         transport = httpx.AsyncHTTPTransport(retries=3)
@@ -336,7 +410,6 @@ class ArtifactFiles:
         ) as client:
 
             async def fetch(path: str, url: str) -> None:
-                nonlocal done
                 dest = local[path]
                 dest.parent.mkdir(parents=True, exist_ok=True)
                 tmp = dest.with_name(
@@ -352,9 +425,7 @@ class ArtifactFiles:
                 if info.last_modified is not None:
                     os.utime(tmp, (info.last_modified, info.last_modified))
                 os.replace(tmp, dest)
-                done += 1
-                if progress:
-                    progress(done, total)
+                arrived(1)
 
             async def batch(paths: list[str]) -> None:
                 # Presigning costs the server ~2 ms a file (one S3 HEAD each), so
@@ -383,7 +454,6 @@ class ArtifactFiles:
                     task.cancel()
                 await asyncio.gather(*batches, return_exceptions=True)
                 raise
-        return local
 
 
 async def upload_files(

@@ -67,6 +67,7 @@ from cellpose_finetuning.names import (
 )
 
 if TYPE_CHECKING:
+    from cellpose_finetuning.data.s3direct import S3Access
     from cellpose_finetuning.deploy.ray_backend import RayBackend, RayOptions
 
 # Names this module exported before deploy/stack/ held them; kept importable.
@@ -117,6 +118,7 @@ async def start_service(
     service_config: dict[str, Any],
     workspace: str | None = None,
     executors: dict[str, Any] | None = None,
+    s3: S3Access | None = None,
 ) -> tuple[Any, Any, Any, Any]:
     """Connect, build and register the service.
 
@@ -127,7 +129,8 @@ async def start_service(
     :func:`~cellpose_finetuning.deploy.stack.provisioning.provision`, the
     embedded stack's own provisioning. ``executors``
     (``inference``, ``training``) replace the in-process ones, e.g. with
-    the Ray backend's.
+    the Ray backend's. ``s3`` (the embedded stack's store and keys) lets the
+    service read dataset files straight from S3 after its permission checks.
 
     Returns
     -------
@@ -150,6 +153,7 @@ async def start_service(
         owners=WorkspaceOwners(
             lookup=admin.get_workspace_info, service_user=connection_user(admin)
         ),
+        s3=s3,
         **(executors or {}),
     )
     await service.start()
@@ -435,7 +439,13 @@ async def _start(
         user_token = state.stack.token(options.user)
         workspace = options.workspace or cfg.workspace
     state.admin, state.server, state.service, info = await start_service(
-        server_url, token, data_dir, options.service_config, workspace, executors
+        server_url,
+        token,
+        data_dir,
+        options.service_config,
+        workspace,
+        executors,
+        s3=state.stack.s3_access() if state.stack is not None else None,
     )
     workspace = state.server.config.workspace
     fields: dict[str, Any] = {

@@ -21,6 +21,7 @@ from collections.abc import Callable
 from typing import Any
 
 from cellpose_finetuning.data.artifacts import ArtifactFiles
+from cellpose_finetuning.data.s3direct import S3Access
 from cellpose_finetuning.engine.inference import ModelResolver
 from cellpose_finetuning.engine.recipes import RECIPES
 from cellpose_finetuning.engine.schemas import TrainingSettings
@@ -63,6 +64,12 @@ class CellposeService(InferenceMethods, TrainingMethods, SessionMethods, Publish
     training : TrainingExecutor, optional
         Where training runs; local worker processes by default, Ray tasks
         with the Ray backend.
+    owners : WorkspaceOwners, optional
+        Who owns which workspace (whose artifacts are trusted).
+    s3 : S3Access, optional
+        The store's S3 and keys (the embedded stack gives them): dataset files
+        are then read straight from S3 after the same permission checks
+        (``config.direct_s3_reads``); without it, through presigned URLs.
     """
 
     def __init__(
@@ -74,6 +81,7 @@ class CellposeService(InferenceMethods, TrainingMethods, SessionMethods, Publish
         inference: InferenceExecutor | None = None,
         training: TrainingExecutor | None = None,
         owners: WorkspaceOwners | None = None,
+        s3: S3Access | None = None,
     ) -> None:
         self.config = config
         for folder in (config.sessions_dir, config.models_dir, config.cache_dir):
@@ -91,8 +99,15 @@ class CellposeService(InferenceMethods, TrainingMethods, SessionMethods, Publish
         self.infer_gate = FairGate(
             config.inference_concurrency, config.max_waiting_infers_per_user, label="infer"
         )
+        direct = None
+        if s3 is not None and config.direct_s3_reads:
+            from cellpose_finetuning.data.s3direct import DirectS3Reader
+
+            direct = DirectS3Reader(s3)
         self.artifacts = (
-            ArtifactFiles(artifact_manager, config.cache_dir) if artifact_manager else None
+            ArtifactFiles(artifact_manager, config.cache_dir, direct=direct)
+            if artifact_manager
+            else None
         )
         #: Whose artifacts are trusted in which workspace (see service/auth.py).
         self.owners = owners or WorkspaceOwners()
@@ -119,6 +134,8 @@ class CellposeService(InferenceMethods, TrainingMethods, SessionMethods, Publish
             task.cancel()
         await self.queue.close()
         await self.inference.close()
+        if self.artifacts is not None and self.artifacts.direct is not None:
+            self.artifacts.direct.close()
 
     def service_functions(self) -> dict[str, Callable[..., Any]]:
         """The methods to register, by name."""

@@ -41,6 +41,12 @@ class ServiceConfig(BaseModel):
         description="Seconds a training keeps its slot before it pauses (after its epoch) "
         "for another user's waiting session; None: never.",
     )
+    direct_s3_reads: bool = Field(
+        True,
+        description="Where the service is given the store's S3 keys (the embedded stack), read "
+        "dataset files straight from S3 after the permission check instead of through one "
+        "presigned URL per file; off: presigned URLs, as against an external server.",
+    )
 
     @property
     def sessions_dir(self) -> Path:

@@ -46,10 +46,12 @@ from cellpose_finetuning.deploy.stack.tokens import (
     mint_token,
     user_workspace,
 )
-from cellpose_finetuning.names import SERVICE_ID
+from cellpose_finetuning.names import SERVICE_ID, STACK_S3_BUCKET, STACK_S3_REGION
 
 if TYPE_CHECKING:
     from filelock import FileLock
+
+    from cellpose_finetuning.data.s3direct import S3Access
 
 __all__ = ["EmbeddedStack"]
 
@@ -166,6 +168,18 @@ class EmbeddedStack:
     def s3_endpoint(self) -> str:
         """SeaweedFS's S3 URL."""
         return self.config.s3_endpoint
+
+    def s3_access(self) -> S3Access:
+        """Where Hypha keeps artifact files and the keys it uses: for the service's direct reads."""
+        from cellpose_finetuning.data.s3direct import S3Access
+
+        return S3Access(
+            endpoint_url=self.s3_endpoint,
+            access_key_id=self.secrets["s3_access_key"],
+            secret_access_key=self.secrets["s3_secret_key"],
+            bucket=STACK_S3_BUCKET,
+            region_name=STACK_S3_REGION,
+        )
 
     @property
     def workspace(self) -> str:

@@ -17,6 +17,7 @@ from typing import Any
 from cellpose_finetuning.deploy.stack.config import StackConfig
 from cellpose_finetuning.deploy.stack.files import make_private
 from cellpose_finetuning.deploy.stack.processes import child_env
+from cellpose_finetuning.names import STACK_S3_BUCKET, STACK_S3_REGION
 
 __all__ = ["http_ok", "hypha_command", "hypha_env", "web_mount"]
 
@@ -61,9 +62,9 @@ def hypha_command(config: StackConfig, data_dir: Path, extra_args: tuple[str, ..
         "--endpoint-url-public",
         c.s3_endpoint,
         "--region-name",
-        "us-east-1",
+        STACK_S3_REGION,
         "--workspace-bucket",
-        "hypha-workspaces",
+        STACK_S3_BUCKET,
         "--database-uri",
         f"sqlite+aiosqlite:///{data_dir / 'hypha' / 'hypha-app-database.db'}",
         *extra_args,
