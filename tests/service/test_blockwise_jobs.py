@@ -91,9 +91,9 @@ async def test_blockwise_infer_job_gives_the_engines_labels_to_its_caller_only(
 
     # A stranger can neither poll the job nor read its labels; the error is an unknown id's.
     bob_server, bob_svc = bob
-    with pytest.raises(Exception, match="no inference job") as theirs:
+    with pytest.raises(Exception, match="inference job not found") as theirs:
         await bob_svc.get_inference_status(item["job_id"])
-    with pytest.raises(Exception, match="no inference job") as unknown:
+    with pytest.raises(Exception, match="inference job not found") as unknown:
         await svc.get_inference_status("0" * 32)
     assert str(theirs.value).replace(item["job_id"], "0" * 32) == str(unknown.value)
     bob_am = await bob_server.get_service("public/artifact-manager")

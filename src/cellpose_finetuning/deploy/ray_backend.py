@@ -5,7 +5,8 @@ executors: one for ``infer`` and one for training. The embedded service runs
 them in its own process (threads, worker processes). This module provides
 their Ray versions:
 
-- :class:`RayInference`: ``infer`` goes to a Ray Serve deployment,
+- :class:`RayInference`: ``infer`` goes to a Ray Serve deployment
+  (block-wise jobs too, their progress streamed),
   :class:`InferenceReplica`, with a fixed number of replicas or autoscaling
   between bounds, each with its CPU share and GPU *fraction* (replicas can
   share one GPU) and its own model cache. A call that lands on a replica
@@ -176,13 +177,7 @@ class InferenceReplica:
     async def segment_file(
         self, ref: ModelRef, path: str, out: str, settings: InferenceSettings
     ) -> AsyncIterator[dict[str, Any]]:
-        """Segment an image file block-wise in this replica's worker thread; stream progress.
-
-        A generator, so Serve streams each block's progress to the caller
-        (``handle.options(stream=True)``) and the label file is written by the
-        replica: ``path`` and ``out`` must be on a filesystem it shares with the
-        service (one node, or a shared data folder).
-        """
+        """Block-wise segmentation of a file (in ``data_dir``) in a thread; progress streamed."""
         async with self.executor._sem:  # one segmentation at a time per replica
             async for update in segment_file_stream(self.executor.models, ref, path, out, settings):
                 yield update
@@ -255,10 +250,7 @@ class RayInference:
         settings: InferenceSettings,
         progress: Callable[[dict[str, Any]], None] | None = None,
     ) -> dict[str, Any]:
-        """Block-wise segmentation of a file on a replica, its progress streamed back.
-
-        Not retried on a replica failure: the labels file may be half written.
-        """
+        """Block-wise on a replica, progress streamed; not retried (the file is half written)."""
         try:
             stream = self.handle.options(stream=True).segment_file.remote(ref, path, out, settings)
             async for update in stream:

@@ -107,7 +107,7 @@ class InferenceJobs:
         """The caller's job; an unknown id and another user's job give the same error."""
         job = self._jobs.get(job_id) if isinstance(job_id, str) else None
         if job is None or job.owner != owner:
-            raise NotFound(f"job_id: no inference job {job_id!r}")
+            raise NotFound("inference job", str(job_id), "job_id is infer's answer for that image")
         return job
 
     def folder(self, job: InferenceJob) -> Path:
