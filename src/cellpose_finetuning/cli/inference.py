@@ -149,25 +149,11 @@ def infer(
         click.echo(json.dumps(summary, indent=1))
 
 
-def _lazy_shape(path: Path) -> tuple[int, ...] | None:
-    """(C, H, W) of a 2D TIFF/OME-TIFF/Zarr image read lazily; None for anything else."""
-    if path.suffix.lower() not in (".tif", ".tiff", ".zarr", ".btf", ".tf8"):
-        return None
-    from cellpose_finetuning.engine.blockio import open_image
-    from cellpose_finetuning.errors import InvalidInput
-
-    try:
-        shape = open_image(path).shape
-    except (InvalidInput, ValueError, KeyError, TypeError, OSError):
-        return None  # 3D, odd layouts: read whole as before
-    return shape if shape[0] <= 4 else None  # more "channels" than 4: a stack
-
-
 def _goes_blockwise(path: Path, settings: InferenceSettings) -> bool:
     """Whether ``path`` is segmented block-wise from disk (engine's ``blockwise_size``)."""
-    from cellpose_finetuning.engine.inference import blockwise_size
+    from cellpose_finetuning.engine.inference import blockwise_size, lazy_2d_shape
 
-    shape = _lazy_shape(path)
+    shape = lazy_2d_shape(path)
     if shape is None:  # other formats are read whole; segment_auto may still go block-wise
         return False
     return blockwise_size(shape, settings, name=str(path)) is not None

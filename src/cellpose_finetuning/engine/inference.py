@@ -41,6 +41,7 @@ __all__ = [
     "Segmentation",
     "blockwise_size",
     "check_input_size",
+    "lazy_2d_shape",
     "segment",
     "segment_auto",
     "segment_full",
@@ -333,6 +334,29 @@ def blockwise_size(
     from cellpose_finetuning.engine.blockwise import choose_block_size
 
     return choose_block_size(available_bytes, overlap=settings.block_overlap)
+
+
+#: Files read lazily (region by region) for block-wise segmentation.
+LAZY_SUFFIXES = (".tif", ".tiff", ".btf", ".tf8", ".zarr")
+
+
+def lazy_2d_shape(path: Any) -> tuple[int, ...] | None:
+    """(C, H, W) of a 2D TIFF/OME-TIFF/Zarr image opened lazily; None for anything else.
+
+    Stacks (more than 4 "channels", or more axes) and other formats are None:
+    they are read whole, as before block-wise segmentation existed.
+    """
+    from pathlib import Path
+
+    from cellpose_finetuning.engine.blockio import open_image
+
+    if Path(path).suffix.lower() not in LAZY_SUFFIXES:
+        return None
+    try:
+        shape = open_image(path).shape
+    except (InvalidInput, ValueError, KeyError, TypeError, OSError):
+        return None
+    return shape if shape[0] <= 4 else None
 
 
 def segment_auto(

@@ -18,6 +18,7 @@ from cellpose_finetuning.engine.inference import (
     Segmentation,
     blockwise_size,
     check_input_size,
+    lazy_2d_shape,
 )
 from cellpose_finetuning.engine.schemas import INFERENCE_DEFAULTS as INF
 from cellpose_finetuning.engine.schemas import (
@@ -54,15 +55,8 @@ def file_goes_blockwise(path: Path, settings: InferenceSettings, name: str) -> b
     2D TIFF/OME-TIFF/Zarr images only (read lazily), by the engine's rule
     (:func:`~cellpose_finetuning.engine.inference.blockwise_size`).
     """
-    from cellpose_finetuning.engine.blockio import open_image
-
-    if Path(path).suffix.lower() not in (".tif", ".tiff", ".zarr", ".btf", ".tf8"):
-        return False
-    try:
-        shape = open_image(path).shape
-    except (InvalidInput, ValueError, KeyError, TypeError, OSError):
-        return False  # a stack or an odd layout: read whole as before
-    return shape[0] <= 4 and blockwise_size(shape, settings, name=name) is not None
+    shape = lazy_2d_shape(path)
+    return shape is not None and blockwise_size(shape, settings, name=name) is not None
 
 
 class InferenceMethods(ServiceBase):
