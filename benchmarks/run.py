@@ -73,6 +73,7 @@ CASES = {
     "export": "bench_export",
     "fairness": "bench_fairness",
     "wsi": "bench_wsi",
+    "wsi-paths": "bench_wsi_paths",
 }
 
 

@@ -53,6 +53,8 @@ _INFERENCE = (
     "batch_size",
     "do_3D",
     "stitch_threshold",
+    "block_size",
+    "block_overlap",
 )
 
 #: command path -> (settings model, the fields it exposes as options)
@@ -62,7 +64,10 @@ EXPOSED: dict[tuple[str, ...], tuple[type[BaseModel], tuple[str, ...]]] = {
     ("demo",): (TrainingSettings, ("n_epochs", "seed")),
     ("remote", "train"): (TrainingSettings, _REMOTE_TRAINING),
     ("infer",): (InferenceSettings, _INFERENCE),
-    ("evaluate",): (InferenceSettings, ("diameter", "flow_threshold", "cellprob_threshold")),
+    ("evaluate",): (
+        InferenceSettings,
+        ("diameter", "flow_threshold", "cellprob_threshold", "block_size", "block_overlap"),
+    ),
     ("export",): (InferenceSettings, ("flow_threshold", "cellprob_threshold")),
     ("remote", "infer"): (InferenceSettings, ("diameter",)),
 }

@@ -212,3 +212,45 @@ async def test_a_training_task_killed_mid_run_fails_clearly_and_continues(
     status, _ = await follow_status(svc, session_id)
     assert status["status_type"] == "completed", status["message"]
     assert len(status["train_losses"]) >= done + 1
+
+
+async def test_blockwise_job_runs_in_a_replica_and_gives_the_engines_labels(
+    carol, ray_service, dev_data, tmp_path
+):
+    """infer on a slide in an artifact with block_size: a job whose blocks a replica runs."""
+    import io
+    import time
+
+    import httpx
+    import tifffile
+
+    from cellpose_finetuning.engine.blockwise import segment_blockwise
+    from cellpose_finetuning.engine.inference import ModelCache
+
+    server, svc = carol
+    img = tifffile.imread(dev_data / "images" / "test" / "nuclei_03.tif").astype("float32")
+    quad = np.block([[img, img[:, ::-1]], [img[::-1, :], img[::-1, ::-1]]])[:384, :384]
+    (tmp_path / "slide").mkdir()
+    tifffile.imwrite(tmp_path / "slide" / "slide.tif", (quad / quad.max() * 60000).astype("uint16"))
+    dataset = await upload_folder(server, tmp_path / "slide", alias="ray-slide")
+    settings = {"block_size": 128, "cellprob_threshold": -3.0}
+    (item,) = await svc.infer(model="tiny", artifact=dataset, image_paths=["slide.tif"], **settings)
+    deadline = time.monotonic() + 300
+    while (status := await svc.get_inference_status(item["job_id"]))["status"] not in (
+        "completed",
+        "failed",
+    ):
+        assert time.monotonic() < deadline, status
+        await asyncio.sleep(0.2)
+    assert status["status"] == "completed", status
+    assert status["blocks_done"] == status["blocks_total"] == 9
+    model = ModelCache().get(
+        ModelRef("tiny", str(ray_service / "models" / "tiny.pth"), "checkpoint")
+    )
+    expected = segment_blockwise(
+        model, tmp_path / "slide" / "slide.tif", InferenceSettings(**settings), block_size=128
+    ).masks
+    async with httpx.AsyncClient() as client:
+        resp = await client.get(status["download_url"])
+    np.testing.assert_array_equal(tifffile.imread(io.BytesIO(resp.content)), expected)
+    assert status["n_objects"] == int(expected.max())

@@ -47,6 +47,8 @@ from cellpose_finetuning.engine.schemas import InferenceSettings
 @settings_option(InferenceSettings, "batch_size")
 @settings_option(InferenceSettings, "do_3D", "--do-3d", name="do_3d")
 @settings_option(InferenceSettings, "stitch_threshold")
+@settings_option(InferenceSettings, "block_size")
+@settings_option(InferenceSettings, "block_overlap")
 @click.option(
     "--checkpoint",
     type=click.Choice(["best", "last"]),
@@ -69,6 +71,8 @@ def infer(
     batch_size: int,
     do_3d: bool,
     stitch_threshold: float,
+    block_size: int | None,
+    block_overlap: int,
     checkpoint: str,
     device: str | None,
     overlay: bool,
@@ -82,10 +86,16 @@ def infer(
       cellpose-finetuning infer --model runs/first data/images/test/*.tif --out masks/
       cellpose-finetuning infer --model cpsam --diameter 17 big.tif --out masks/
       cellpose-finetuning infer --model runs/first imgs/*.tif --out imgs/ --save seg --save rois
+      cellpose-finetuning infer --model cpsam slide.ome.tif --out masks/ --block-size 1024
+
+    Whole-slide images (2D TIFF, OME-TIFF or Zarr above 16 megapixels, or any with
+    --block-size) are read and segmented block by block and their labels written
+    region by region to <stem>_masks.tif (BigTIFF) or <stem>_masks.zarr, so memory
+    follows the block, not the image; a bar shows the blocks.
     """
     from tqdm import tqdm
 
-    from cellpose_finetuning.engine.inference import ModelCache, ModelResolver, segment
+    from cellpose_finetuning.engine.inference import ModelCache, ModelResolver, segment_auto
     from cellpose_finetuning.io.annotations import output_stem, write_outputs
     from cellpose_finetuning.io.images import read_image
 
@@ -99,14 +109,19 @@ def infer(
         batch_size=batch_size,
         do_3D=do_3d,
         stitch_threshold=stitch_threshold,
+        block_size=block_size,
+        block_overlap=block_overlap,
     )
     ref = ModelResolver(allow_paths=True).resolve(model, checkpoint=checkpoint)
     cp_model = ModelCache(device=device).get(ref)
     out.mkdir(parents=True, exist_ok=True)
     summary = []
     for path in tqdm(images, unit="image", disable=as_json or len(images) < 2):
+        if _goes_blockwise(path, settings):
+            summary.append(_infer_blockwise(cp_model, path, out, settings, formats, as_json))
+            continue
         image = read_image(path)
-        masks = segment(cp_model, image, settings, name=str(path))
+        masks = segment_auto(cp_model, image, settings, name=str(path))
         stem = output_stem(path.name)
         written = write_outputs(out, path.name, masks, formats, image=image)
         target = next(iter(written.values()))
@@ -132,6 +147,67 @@ def infer(
             tqdm.write(f"{path} -> {shown} ({n_obj} objects)")
     if as_json:
         click.echo(json.dumps(summary, indent=1))
+
+
+def _goes_blockwise(path: Path, settings: InferenceSettings) -> bool:
+    """Whether ``path`` is segmented block-wise from disk (engine's ``blockwise_size``)."""
+    from cellpose_finetuning.engine.inference import blockwise_size, lazy_2d_shape
+
+    shape = lazy_2d_shape(path)
+    if shape is None:  # other formats are read whole; segment_auto may still go block-wise
+        return False
+    return blockwise_size(shape, settings, name=str(path)) is not None
+
+
+def _infer_blockwise(
+    cp_model: Any,
+    path: Path,
+    out: Path,
+    settings: InferenceSettings,
+    formats: list[str],
+    as_json: bool,
+) -> dict[str, Any]:
+    """Segment one image block by block from disk into <stem>_masks.tif/.zarr, with a bar."""
+    from tqdm import tqdm
+
+    from cellpose_finetuning.engine.inference import segment_auto
+    from cellpose_finetuning.io.annotations import output_stem
+
+    stem = output_stem(path.name)
+    target = out / f"{stem}_masks{'.zarr' if path.suffix.lower() == '.zarr' else '.tif'}"
+    with tqdm(unit="block", desc=path.name, disable=as_json, leave=False) as bar:
+
+        def progress(p: Any) -> None:
+            bar.total = p.total
+            bar.set_postfix(objects=p.objects, refresh=False)
+            bar.update(p.done - bar.n)
+
+        result = segment_auto(
+            cp_model, path, settings, name=str(path), out=target, progress=progress
+        )
+    skipped = [f for f in formats if f != "tif"]
+    if not as_json:
+        note = f"; not written block-wise: {', '.join(skipped)}" if skipped else ""
+        tqdm.write(
+            f"{path} -> {target} ({result.n_objects} objects, {result.n_blocks} blocks of "
+            f"{result.block_size}², {result.seconds:.1f} s{note})"
+        )
+    return {
+        "image": str(path),
+        "masks": str(target),
+        "files": {"tif" if target.suffix == ".tif" else "zarr": str(target)},
+        "shape": list(result.shape),
+        "dtype": str(result.masks.dtype),
+        "n_objects": int(result.n_objects),
+        "blockwise": {
+            "block_size": result.block_size,
+            "overlap": result.overlap,
+            "n_blocks": result.n_blocks,
+            "truncated": result.truncated,
+            "seconds": round(result.seconds, 3),
+            "not_written": skipped,
+        },
+    }
 
 
 # --------------------------------------------------------------------------- evaluate
@@ -223,6 +299,8 @@ def evaluate_models(
 @settings_option(InferenceSettings, "diameter")
 @settings_option(InferenceSettings, "flow_threshold")
 @settings_option(InferenceSettings, "cellprob_threshold")
+@settings_option(InferenceSettings, "block_size")
+@settings_option(InferenceSettings, "block_overlap")
 @click.option("--device", default=None, help="Torch device (default: cuda, mps or cpu).")
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
 @friendly_errors
@@ -234,6 +312,8 @@ def evaluate(
     diameter: float | None,
     flow_threshold: float,
     cellprob_threshold: float,
+    block_size: int | None,
+    block_overlap: int,
     device: str | None,
     as_json: bool,
 ) -> None:
@@ -249,6 +329,10 @@ def evaluate(
           --images data/images/test/ --annotations data/annotations/test/ --out eval/
     """
     settings = InferenceSettings(
-        diameter=diameter, flow_threshold=flow_threshold, cellprob_threshold=cellprob_threshold
+        diameter=diameter,
+        flow_threshold=flow_threshold,
+        cellprob_threshold=cellprob_threshold,
+        block_size=block_size,
+        block_overlap=block_overlap,
     )
     evaluate_models(models, images, annotations, out, settings, device=device, as_json=as_json)

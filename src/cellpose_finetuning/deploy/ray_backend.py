@@ -5,7 +5,8 @@ executors: one for ``infer`` and one for training. The embedded service runs
 them in its own process (threads, worker processes). This module provides
 their Ray versions:
 
-- :class:`RayInference`: ``infer`` goes to a Ray Serve deployment,
+- :class:`RayInference`: ``infer`` goes to a Ray Serve deployment
+  (block-wise jobs too, their progress streamed),
   :class:`InferenceReplica`, with a fixed number of replicas or autoscaling
   between bounds, each with its CPU share and GPU *fraction* (replicas can
   share one GPU) and its own model cache. A call that lands on a replica
@@ -39,7 +40,7 @@ import logging
 import os
 import signal
 import time
-from collections.abc import Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -52,6 +53,7 @@ from cellpose_finetuning.engine.sessions import Session
 from cellpose_finetuning.errors import CellposeFinetuningError, InvalidInput
 from cellpose_finetuning.names import SERVICE_ID
 from cellpose_finetuning.scheduler import LocalInference, SessionQueue
+from cellpose_finetuning.scheduler.executors import segment_file_stream
 
 __all__ = [
     "InferenceReplica",
@@ -172,6 +174,14 @@ class InferenceReplica:
         """Segment ``images`` with the model behind ``ref`` (loaded once per replica)."""
         return await self.executor.segment(ref, images, names, settings)
 
+    async def segment_file(
+        self, ref: ModelRef, path: str, out: str, settings: InferenceSettings
+    ) -> AsyncIterator[dict[str, Any]]:
+        """Block-wise segmentation of a file (in ``data_dir``) in a thread; progress streamed."""
+        async with self.executor._sem:  # one segmentation at a time per replica
+            async for update in segment_file_stream(self.executor.models, ref, path, out, settings):
+                yield update
+
 
 def _is_replica_failure(exc: BaseException) -> bool:
     """Whether ``exc`` means the replica (not the request) failed."""
@@ -231,6 +241,30 @@ class RayInference:
                     ) from None
                 raise _unwrap(exc) from None
         raise AssertionError("unreachable")
+
+    async def segment_file(
+        self,
+        ref: ModelRef,
+        path: str,
+        out: str,
+        settings: InferenceSettings,
+        progress: Callable[[dict[str, Any]], None] | None = None,
+    ) -> dict[str, Any]:
+        """Block-wise on a replica, progress streamed; not retried (the file is half written)."""
+        try:
+            stream = self.handle.options(stream=True).segment_file.remote(ref, path, out, settings)
+            async for update in stream:
+                if "result" in update:
+                    return update["result"]
+                if progress is not None:
+                    progress(update)
+        except Exception as exc:
+            if _is_replica_failure(exc):
+                raise CellposeFinetuningError(
+                    "the inference replica stopped while segmenting block-wise; call infer again"
+                ) from None
+            raise _unwrap(exc) from None
+        raise CellposeFinetuningError("the inference replica's stream ended without a result")
 
     async def close(self) -> None:
         """The deployment is removed by :meth:`RayBackend.stop`."""

@@ -1,7 +1,8 @@
 """Did fine-tuning help? Score several models on the same labelled images.
 
 Every model segments every image with the same inference settings (the
-path ``infer`` takes: :func:`cellpose_finetuning.engine.inference.segment`)
+path ``infer`` takes: :func:`cellpose_finetuning.engine.inference.segment_auto`,
+one pass or block-wise)
 and is scored with :func:`cellpose_finetuning.engine.metrics.score_masks`
 (cellpose's own matching). The training runner uses the same two steps for
 its ``base_instance_metrics`` (before epoch 1) and ``instance_metrics`` (at
@@ -121,14 +122,15 @@ def checkpoint_predictor(
     device: str | None = None,
 ) -> Predictor:
     """Load ``cpsam`` or a checkpoint file once and return its predictor."""
-    from cellpose_finetuning.engine.inference import segment
+    from cellpose_finetuning.engine.inference import segment_auto
     from cellpose_finetuning.engine.models import load_cellpose_model
 
     cp_model, _arch = load_cellpose_model(model, device=device)
     settings = settings or InferenceSettings()
 
     def predict(image: np.ndarray) -> np.ndarray:
-        return segment(cp_model, image, settings)
+        # One pass, or block-wise for whole slides / settings.block_size (blockwise_size).
+        return segment_auto(cp_model, image, settings)
 
     return predict
 

@@ -39,8 +39,11 @@ __all__ = [
     "ModelRef",
     "ModelResolver",
     "Segmentation",
+    "blockwise_size",
     "check_input_size",
+    "lazy_2d_shape",
     "segment",
+    "segment_auto",
     "segment_full",
     "segment_many",
     "to_label_dtype",
@@ -51,6 +54,11 @@ __all__ = [
 MIN_SIDE = 16
 #: Cellpose-SAM's reference diameter: images are resized by ``DIAM_MEAN / diameter``.
 DIAM_MEAN = 30.0
+#: Above this many pixels (Y x X) a 2D image is segmented block-wise when ``block_size`` is None.
+AUTO_BLOCKWISE_PIXELS = 4096 * 4096
+#: Working memory of one whole-image pass per pixel (cellpose's ``eval``: 1,812 MiB for 4096²
+#: on the CPU, docs/benchmarks.md), rounded up.
+SINGLE_PASS_BYTES_PER_PIXEL = 120
 
 
 def check_input_size(
@@ -254,6 +262,166 @@ def segment_full(
     return Segmentation(masks=to_label_dtype(masks), flows=flows_out)
 
 
+def blockwise_size(
+    shape: Sequence[int],
+    settings: InferenceSettings,
+    *,
+    available_bytes: int | None = None,
+    name: str = "image",
+) -> int | None:
+    """The block size to segment an image of ``shape`` with, or None for one pass.
+
+    The one rule the CLI, the service, Ray replicas and ``evaluate`` share:
+    block-wise when ``settings.block_size`` asks for it, or (``block_size``
+    None) when the 2D image has more than :data:`AUTO_BLOCKWISE_PIXELS` pixels
+    or one pass would need more than half the available memory; then the block
+    comes from the memory (:func:`~cellpose_finetuning.engine.blockwise.choose_block_size`).
+    Only what block-wise supports goes block-wise: 2D, no ``diameter``, no
+    CLAHE, masks without flows; automatically, anything else runs in one pass
+    as before.
+
+    Parameters
+    ----------
+    shape : sequence of int
+        Canonical (C, H, W) (or (H, W)); 4 axes is a 3D stack.
+    settings : InferenceSettings
+        The call's settings.
+    available_bytes : int, optional
+        Memory to plan with; default ``psutil.virtual_memory().available``.
+    name : str
+        How to name the image in errors.
+
+    Returns
+    -------
+    int or None
+
+    Raises
+    ------
+    InvalidInput
+        ``block_size`` given for what block-wise cannot do.
+    """
+    unsupported = (
+        "a 3D stack"
+        if len(shape) == 4
+        else "diameter"
+        if settings.diameter
+        else "enable_clahe"
+        if settings.enable_clahe
+        else "flows"
+        if settings.return_flows or not settings.compute_masks
+        else None
+    )
+    if settings.block_size is not None:
+        if unsupported:
+            raise InvalidInput(
+                "block_size",
+                f"block-wise segmentation of {name} cannot be combined with {unsupported} "
+                "(leave block_size unset for one pass)",
+            )
+        return int(settings.block_size)
+    if unsupported:
+        return None
+    height, width = int(shape[-2]), int(shape[-1])
+    pixels = height * width
+    if available_bytes is None:
+        import psutil
+
+        available_bytes = int(psutil.virtual_memory().available)
+    if pixels <= AUTO_BLOCKWISE_PIXELS and (
+        pixels * SINGLE_PASS_BYTES_PER_PIXEL <= available_bytes // 2
+    ):
+        return None
+    from cellpose_finetuning.engine.blockwise import choose_block_size
+
+    return choose_block_size(available_bytes, overlap=settings.block_overlap)
+
+
+#: Files read lazily (region by region) for block-wise segmentation.
+LAZY_SUFFIXES = (".tif", ".tiff", ".btf", ".tf8", ".zarr")
+
+
+def lazy_2d_shape(path: Any) -> tuple[int, ...] | None:
+    """(C, H, W) of a 2D TIFF/OME-TIFF/Zarr image opened lazily; None for anything else.
+
+    Stacks (more than 4 "channels", or more axes) and other formats are None:
+    they are read whole, as before block-wise segmentation existed.
+    """
+    from pathlib import Path
+
+    from cellpose_finetuning.engine.blockio import open_image
+
+    if Path(path).suffix.lower() not in LAZY_SUFFIXES:
+        return None
+    try:
+        shape = open_image(path).shape
+    except (InvalidInput, ValueError, KeyError, TypeError, OSError):
+        return None
+    return shape if shape[0] <= 4 else None
+
+
+def segment_auto(
+    model: CellposeModel,
+    image: Any,
+    settings: InferenceSettings | None = None,
+    *,
+    name: str = "image",
+    out: Any = None,
+    progress: Any = None,
+) -> Any:
+    """Segment one image in one pass or block-wise, as :func:`blockwise_size` decides.
+
+    Parameters
+    ----------
+    model : cellpose.models.CellposeModel
+        A loaded model.
+    image : numpy.ndarray or path
+        Canonical (C, H, W) or (Z, C, H, W) array; or a TIFF/Zarr path of a 2D
+        image (read lazily, block-wise whatever its size).
+    settings : InferenceSettings, optional
+        As for :func:`segment`, plus ``block_size`` and ``block_overlap``.
+    name : str
+        How to name the image in errors.
+    out : path or array, optional
+        Block-wise only: where the labels go (a TIFF or ``.zarr`` path is
+        written region by region).
+    progress : callable, optional
+        Block-wise only: called with each
+        :class:`~cellpose_finetuning.engine.blockwise.BlockProgress`.
+
+    Returns
+    -------
+    numpy.ndarray or BlockwiseResult
+        The labels of :func:`segment` for an in-memory image without ``out``
+        (block-wise labels as uint16/uint32 too); otherwise the
+        :class:`~cellpose_finetuning.engine.blockwise.BlockwiseResult`.
+    """
+    from cellpose_finetuning.engine.blockio import open_image
+    from cellpose_finetuning.engine.blockwise import segment_blockwise
+
+    settings = settings or InferenceSettings()
+    in_memory = isinstance(image, np.ndarray)
+    source = image if in_memory else open_image(image)
+    shape = source.shape
+    block = blockwise_size(shape, settings, name=name)
+    if block is None:
+        if in_memory and out is None:
+            return segment(model, image, settings, name=name)
+        # A file, or an output file: one block as large as the image (the masks of one pass).
+        block = max(int(shape[-2]), int(shape[-1]))
+    result = segment_blockwise(
+        model,
+        source,
+        settings,
+        block_size=block,
+        overlap=settings.block_overlap,
+        out=out,
+        progress=progress,
+    )
+    if in_memory and out is None:
+        return to_label_dtype(result.masks)
+    return result
+
+
 def segment_many(
     model: CellposeModel,
     images: Sequence[np.ndarray],
@@ -269,4 +437,6 @@ def segment_many(
             segment_full(model, img, settings, name=n)  # type: ignore[misc]
             for img, n in zip(images, names, strict=True)
         ]
-    return [segment(model, img, settings, name=n) for img, n in zip(images, names, strict=True)]
+    return [
+        segment_auto(model, img, settings, name=n) for img, n in zip(images, names, strict=True)
+    ]

@@ -257,6 +257,22 @@ class InferenceSettings(BaseModel):
         description="False: only run the network and return dP and cell probability "
         "(the original's return_flows_only); thresholds are then not used.",
     )
+    block_size: int | None = Field(
+        None,
+        ge=64,
+        le=16_384,
+        description="Segment a 2D image block by block (whole-slide images, memory bounded by "
+        "the block): the side of a block in pixels. None: automatic, block-wise only for images "
+        "above 16 megapixels or too large for the available memory, with the block chosen from "
+        "it. Not with diameter, CLAHE, flows or 3D (those run in one pass).",
+    )
+    block_overlap: int = Field(
+        64,
+        ge=0,
+        le=1024,
+        description="Pixels added around each block; objects cut by a block border are kept "
+        "whole by the block holding their centre, so this must exceed the objects' size.",
+    )
 
     @model_validator(mode="after")
     def _check_3d(self) -> InferenceSettings:

@@ -10,18 +10,24 @@ work: here, worker processes (:class:`TrainingQueue`) and threads
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Sequence
-from typing import Protocol
+from collections.abc import AsyncIterator, Callable, Sequence
+from typing import Any, Protocol
 
 import numpy as np
 
-from cellpose_finetuning.engine.inference import ModelCache, ModelRef, segment_many
+from cellpose_finetuning.engine.inference import ModelCache, ModelRef, segment_auto, segment_many
 from cellpose_finetuning.engine.schemas import InferenceSettings
 from cellpose_finetuning.engine.sessions import Session
 from cellpose_finetuning.engine.workers import TrainingWorker, start_worker
 from cellpose_finetuning.scheduler.queue import SessionQueue
 
-__all__ = ["InferenceExecutor", "LocalInference", "TrainingExecutor", "TrainingQueue"]
+__all__ = [
+    "InferenceExecutor",
+    "LocalInference",
+    "TrainingExecutor",
+    "TrainingQueue",
+    "segment_file_stream",
+]
 
 
 class TrainingExecutor(Protocol):
@@ -92,9 +98,69 @@ class InferenceExecutor(Protocol):
         """Segment ``images`` with the model behind ``ref``."""
         ...
 
+    async def segment_file(
+        self,
+        ref: ModelRef,
+        path: str,
+        out: str,
+        settings: InferenceSettings,
+        progress: Callable[[dict[str, Any]], None] | None = None,
+    ) -> dict[str, Any]:
+        """Segment the 2D image file ``path`` block-wise into the label file ``out``.
+
+        ``progress`` gets ``{"done", "total", "objects", "elapsed"}`` after each
+        block; the answer is :func:`segment_file_stream`'s summary.
+        """
+        ...
+
     async def close(self) -> None:
         """Release what the executor holds."""
         ...
+
+
+async def segment_file_stream(
+    models: ModelCache, ref: ModelRef, path: str, out: str, settings: InferenceSettings
+) -> AsyncIterator[dict[str, Any]]:
+    """Segment an image file block by block in a worker thread; yield its progress.
+
+    Yields ``{"done", "total", "objects", "elapsed"}`` after each block, then
+    ``{"result": {"n_objects", "shape", "dtype", "block_size", "overlap",
+    "n_blocks", "truncated", "seconds"}}``. The event loop only passes the
+    messages on (the local executor and Ray Serve replicas, which stream them).
+    """
+    loop = asyncio.get_running_loop()
+    updates: asyncio.Queue[dict[str, Any]] = asyncio.Queue()
+
+    def progress(p: Any) -> None:
+        update = {"done": p.done, "total": p.total, "objects": p.objects, "elapsed": p.elapsed}
+        loop.call_soon_threadsafe(updates.put_nowait, update)
+
+    def run() -> dict[str, Any]:
+        model = models.get(ref)
+        result = segment_auto(model, path, settings, name=path, out=out, progress=progress)
+        return {
+            "n_objects": int(result.n_objects),
+            "shape": [int(v) for v in result.shape],
+            "dtype": str(result.masks.dtype),
+            "block_size": int(result.block_size),
+            "overlap": int(result.overlap),
+            "n_blocks": int(result.n_blocks),
+            "truncated": int(result.truncated),
+            "seconds": float(result.seconds),
+        }
+
+    task = asyncio.ensure_future(asyncio.to_thread(run))
+    while True:
+        getter = asyncio.ensure_future(updates.get())
+        await asyncio.wait({task, getter}, return_when=asyncio.FIRST_COMPLETED)
+        if getter.done():
+            yield getter.result()
+            continue
+        getter.cancel()
+        while not updates.empty():
+            yield updates.get_nowait()
+        yield {"result": task.result()}  # raises the thread's error
+        return
 
 
 class LocalInference:
@@ -125,6 +191,23 @@ class LocalInference:
         async with self._sem:
             model = await asyncio.to_thread(self.models.get, ref)
             return await asyncio.to_thread(segment_many, model, images, settings, names)
+
+    async def segment_file(
+        self,
+        ref: ModelRef,
+        path: str,
+        out: str,
+        settings: InferenceSettings,
+        progress: Callable[[dict[str, Any]], None] | None = None,
+    ) -> dict[str, Any]:
+        """Segment an image file block-wise in a worker thread (one call at a time here too)."""
+        async with self._sem:
+            async for update in segment_file_stream(self.models, ref, path, out, settings):
+                if "result" in update:
+                    return update["result"]
+                if progress is not None:
+                    progress(update)
+        raise AssertionError("the stream ends with its result")
 
     async def close(self) -> None:
         """Nothing to release: models go with the process."""

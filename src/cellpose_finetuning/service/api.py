@@ -38,6 +38,7 @@ from cellpose_finetuning.service.auth import WorkspaceOwners
 from cellpose_finetuning.service.config import ServiceConfig
 from cellpose_finetuning.service.edge import api_method, inference_schema, scrub_paths
 from cellpose_finetuning.service.inference import InferenceMethods
+from cellpose_finetuning.service.jobs import InferenceJobs
 from cellpose_finetuning.service.payloads import MODEL_NAME
 from cellpose_finetuning.service.publishing import PublishingMethods
 from cellpose_finetuning.service.sessions import SessionMethods
@@ -115,6 +116,8 @@ class CellposeService(InferenceMethods, TrainingMethods, SessionMethods, Publish
             self.artifacts.owners = self.owners
         self.server_url = server_url.rstrip("/")
         self._prepare_tasks: dict[str, asyncio.Task[None]] = {}
+        #: Block-wise infer jobs (service/jobs.py); their scratch files under data_dir/jobs.
+        self.jobs = InferenceJobs(config.data_dir / "jobs")
 
     async def start(self) -> None:
         """Start the queue and recover sessions left over by a previous run."""
@@ -132,6 +135,7 @@ class CellposeService(InferenceMethods, TrainingMethods, SessionMethods, Publish
         """Stop the queue (running workers are asked to stop) and the inference executor."""
         for task in self._prepare_tasks.values():
             task.cancel()
+        await self.jobs.close()
         await self.queue.close()
         await self.inference.close()
         if self.artifacts is not None and self.artifacts.direct is not None:

@@ -137,7 +137,14 @@ STATUS_TYPES = frozenset({"waiting", "preparing", "running", "completed", "faile
 
 
 #: The InferenceSettings fields the service's methods take (infer, evaluate, export_model).
-SERVICE_INFERENCE_FIELDS = ("diameter", "flow_threshold", "cellprob_threshold", "niter")
+SERVICE_INFERENCE_FIELDS = (
+    "diameter",
+    "flow_threshold",
+    "cellprob_threshold",
+    "niter",
+    "block_size",
+    "block_overlap",
+)
 
 
 def inference_schema() -> dict[str, Any]:

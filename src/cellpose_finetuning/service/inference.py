@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import time
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -14,7 +16,9 @@ from cellpose_finetuning.data.pairing import (
 )
 from cellpose_finetuning.engine.inference import (
     Segmentation,
+    blockwise_size,
     check_input_size,
+    lazy_2d_shape,
 )
 from cellpose_finetuning.engine.schemas import INFERENCE_DEFAULTS as INF
 from cellpose_finetuning.engine.schemas import (
@@ -26,6 +30,7 @@ from cellpose_finetuning.errors import (
     ResourceLimit,
 )
 from cellpose_finetuning.io.images import read_image, to_canonical
+from cellpose_finetuning.io.output_names import output_stem
 from cellpose_finetuning.service.auth import (
     caller_from_context,
     readable_artifact,
@@ -33,16 +38,31 @@ from cellpose_finetuning.service.auth import (
 from cellpose_finetuning.service.base import ServiceBase
 from cellpose_finetuning.service.edge import (
     api_method,
+    public_error,
+    scrub_paths,
 )
+from cellpose_finetuning.service.jobs import InferenceJob, InferenceJobs, compress_labels
 from cellpose_finetuning.service.payloads import (
     encode_mask_png,
 )
 
-__all__ = ["InferenceMethods"]
+__all__ = ["InferenceMethods", "file_goes_blockwise"]
+
+
+def file_goes_blockwise(path: Path, settings: InferenceSettings, name: str) -> bool:
+    """Whether an artifact image file is segmented block-wise from disk (as a job).
+
+    2D TIFF/OME-TIFF/Zarr images only (read lazily), by the engine's rule
+    (:func:`~cellpose_finetuning.engine.inference.blockwise_size`).
+    """
+    shape = lazy_2d_shape(path)
+    return shape is not None and blockwise_size(shape, settings, name=name) is not None
 
 
 class InferenceMethods(ServiceBase):
-    """infer, evaluate, read_annotation, convert_masks."""
+    """infer, get_inference_status, evaluate, read_annotation, convert_masks."""
+
+    jobs: InferenceJobs
 
     @api_method
     async def infer(
@@ -59,6 +79,8 @@ class InferenceMethods(ServiceBase):
         return_flows_only: bool = False,
         json_safe: bool = False,
         enable_clahe: bool = INF["enable_clahe"],
+        block_size: int | None = INF["block_size"],
+        block_overlap: int = INF["block_overlap"],
         context: Any = None,
     ) -> list[dict[str, Any]]:
         """Segment images. Returns one dict per image: "input_path" and "output" (labels).
@@ -73,6 +95,12 @@ class InferenceMethods(ServiceBase):
         json_safe: "output" is a PNG overlay {"encoding": "mask_png_base64", "width",
         "height", "object_count", "png_base64"} for browsers.
         enable_clahe: contrast-limited histogram equalisation first (grey image).
+        block_size / block_overlap: segment 2D images block by block (None: automatically,
+        above 16 megapixels). A 2D TIFF/Zarr artifact image that goes block-wise (above 16
+        megapixels, or any with block_size) is too large to answer through the RPC: its item
+        is {"input_path", "job_id", "status"} at once; poll get_inference_status(job_id) for
+        the blocks done and, when completed, the labels file in a result artifact only you
+        may read.
         """
         caller = caller_from_context(context)
         settings = InferenceSettings(
@@ -83,6 +111,8 @@ class InferenceMethods(ServiceBase):
             enable_clahe=bool(enable_clahe),
             return_flows=bool(return_flows),
             compute_masks=not bool(return_flows_only),
+            block_size=block_size,
+            block_overlap=block_overlap,
         )
         if (input_arrays is None) == (image_paths is None):
             raise InvalidInput("input_arrays", "give either input_arrays or artifact + image_paths")
@@ -93,6 +123,7 @@ class InferenceMethods(ServiceBase):
         ref = await self._resolve_model(model, caller)
         images: list[np.ndarray] = []
         names: list[str] = []
+        jobs: dict[str, Path] = {}  # artifact images segmented block-wise from disk, as jobs
         if input_arrays is not None:
             if not isinstance(input_arrays, list | tuple) or not input_arrays:
                 raise InvalidInput("input_arrays", "must be a non-empty list of arrays")
@@ -124,16 +155,111 @@ class InferenceMethods(ServiceBase):
             assert self.artifacts is not None
             local = await self.artifacts.download(record["id"], paths, record=record)
             for p in paths:
+                if await asyncio.to_thread(file_goes_blockwise, local[p], settings, p):
+                    jobs[p] = local[p]
+                    continue
                 images.append(read_image(local[p], max_pixels=self.config.max_pixels))
                 names.append(p)
         for img, name in zip(images, names, strict=True):
             check_input_size(img, settings.diameter, self.config.max_pixels, name=name)
-        async with self.infer_gate.slot(caller.id):  # round robin between users
-            results = await self.inference.segment(ref, images, names, settings)
-        return [
-            self._result_item(name, result, settings, bool(json_safe))
+        started = {p: self._start_job(ref, p, path, settings, caller) for p, path in jobs.items()}
+        results: list[Any] = []
+        if images:
+            async with self.infer_gate.slot(caller.id):  # round robin between users
+                results = await self.inference.segment(ref, images, names, settings)
+        answers = {
+            name: self._result_item(name, result, settings, bool(json_safe))
             for name, result in zip(names, results, strict=True)
-        ]
+        }
+        answers.update(
+            {
+                p: {"input_path": p, "job_id": job.id, "status": job.status}
+                for p, job in started.items()
+            }
+        )
+        order = names if input_arrays is not None else paths
+        return [answers[name] for name in order]
+
+    # ------------------------------------------------------------------ block-wise jobs
+    def _start_job(
+        self, ref: Any, name: str, path: Path, settings: InferenceSettings, caller: Any
+    ) -> InferenceJob:
+        job = self.jobs.new(caller.id, name)
+        job.task = asyncio.create_task(self._run_job(job, ref, path, settings))
+        return job
+
+    async def _run_job(
+        self, job: InferenceJob, ref: Any, path: Path, settings: InferenceSettings
+    ) -> None:
+        """Segment in the executor's worker, compress, upload for the owner; errors named."""
+        folder = self.jobs.folder(job)
+        stem = output_stem(job.input_path)
+        try:
+            async with self.infer_gate.slot(job.owner):
+                job.status = "running"
+                summary = await self.inference.segment_file(
+                    ref, str(path), str(folder / "labels.tif"), settings, progress=job.progress
+                )
+            job.n_objects = summary["n_objects"]
+            job.blocks_done = job.blocks_total = summary["n_blocks"]
+            job.status = "uploading"
+            file_name = f"{stem}_masks.tif"
+            size = await asyncio.to_thread(
+                compress_labels, folder / "labels.tif", folder / file_name
+            )
+            (folder / "labels.tif").unlink()
+            job.result = {
+                **{k: summary[k] for k in ("shape", "dtype", "block_size", "overlap", "truncated")},
+                **await self._upload_labels(job, folder / file_name),
+                "file": file_name,
+                "file_bytes": size,
+            }
+            job.status = "completed"
+        except asyncio.CancelledError:
+            job.status, job.error = "failed", "the service stopped"
+            raise
+        except Exception as exc:  # named for the caller, the service keeps serving
+            job.status = "failed"
+            job.error = scrub_paths(str(public_error(exc)), self.config.data_dir)
+        finally:
+            job.finished = time.time()
+            self.jobs.clean(job)
+
+    async def _upload_labels(self, job: InferenceJob, path: Path) -> dict[str, Any]:
+        """A result artifact in the service's workspace, readable by the job's owner only."""
+        from cellpose_finetuning.data.artifacts import upload_files
+
+        assert self.artifacts is not None
+        am = self.artifacts.am
+        art = await am.create(
+            alias=f"cpft-labels-{job.id}",
+            type="generic",
+            stage=True,
+            manifest={
+                "name": f"labels of {job.input_path}",
+                "description": "Block-wise segmentation by cellpose-finetuning's infer",
+                "owner": job.owner,
+            },
+            config={"permissions": {job.owner: "r"}},
+        )
+        await upload_files(am, art["id"], {path.name: path})
+        url = await am.get_file(art["id"], file_path=path.name)
+        return {"artifact_id": art["id"], "download_url": url}
+
+    @api_method
+    async def get_inference_status(self, job_id: str, context: Any = None) -> dict[str, Any]:
+        """Progress of a block-wise infer job (infer's answer for a large artifact image).
+
+        Returns job_id, status ("waiting", "running", "uploading", "completed", "failed"),
+        input_path, blocks_done, blocks_total, n_objects (so far), elapsed_seconds; "error"
+        when failed; when completed also "artifact_id" and "file" (the labels, a zlib-tiled
+        uint32 BigTIFF <stem>_masks.tif, in an artifact only you may read: fetch it with
+        artifact-manager get_file), "download_url" (presigned, expires), "file_bytes",
+        "shape", "dtype", "block_size", "overlap" and "truncated". Only the caller who
+        started the job may poll it.
+        """
+        caller = caller_from_context(context)
+        return self.jobs.get(job_id, caller.id).public()
 
     @staticmethod
     def _result_item(
@@ -232,6 +358,8 @@ class InferenceMethods(ServiceBase):
         flow_threshold: float = INF["flow_threshold"],
         cellprob_threshold: float = INF["cellprob_threshold"],
         pictures: bool = True,
+        block_size: int | None = INF["block_size"],
+        block_overlap: int = INF["block_overlap"],
         context: Any = None,
     ) -> dict[str, Any]:
         """Score models on a labelled dataset: did fine-tuning help?
@@ -242,7 +370,8 @@ class InferenceMethods(ServiceBase):
         Returns "report" (per model: AP at IoU 0.5/0.75/0.9, precision/recall/F1 at 0.5,
         n_true, n_pred, and the same per image), "markdown" (the tables) and, with
         pictures, "per_image_ap_png" (bar chart) and "overlays_png" (image, ground truth,
-        each model) as PNG bytes.
+        each model) as PNG bytes. block_size / block_overlap: as for infer (block-wise
+        segmentation of each image, None: automatic).
         """
         from cellpose_finetuning.engine.evaluation import (
             load_labelled,
@@ -259,7 +388,11 @@ class InferenceMethods(ServiceBase):
         if len(models) > 8:
             raise ResourceLimit("models: at most 8 models per call")
         settings = InferenceSettings(
-            diameter=diameter, flow_threshold=flow_threshold, cellprob_threshold=cellprob_threshold
+            diameter=diameter,
+            flow_threshold=flow_threshold,
+            cellprob_threshold=cellprob_threshold,
+            block_size=block_size,
+            block_overlap=block_overlap,
         )
         refs = [await self._resolve_model(m, caller) for m in models]
         for arg, spec in (("test_images", test_images), ("test_annotations", test_annotations)):
