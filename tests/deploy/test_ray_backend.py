@@ -243,7 +243,7 @@ async def test_blockwise_job_runs_in_a_replica_and_gives_the_engines_labels(
         assert time.monotonic() < deadline, status
         await asyncio.sleep(0.2)
     assert status["status"] == "completed", status
-    assert status["blocks_done"] == status["blocks_total"] == 9
+    assert status["blocks_done"] == status["blocks_total"] == 2 * 9  # two passes
     model = ModelCache().get(
         ModelRef("tiny", str(ray_service / "models" / "tiny.pth"), "checkpoint")
     )

@@ -24,7 +24,8 @@ async def test_segment_file_streams_each_block_and_writes_the_engines_labels(
     summary = await LocalInference().segment_file(
         ref, str(tmp_path / "in.tif"), str(tmp_path / "out.tif"), settings, progress=seen.append
     )
-    assert [u["done"] for u in seen] == [1, 2, 3, 4] and {u["total"] for u in seen} == {4}
+    # Two passes over the 4 blocks: network and seeds, then flow check and writing.
+    assert [u["done"] for u in seen] == list(range(1, 9)) and {u["total"] for u in seen} == {8}
     assert summary["n_blocks"] == 4 and summary["shape"] == list(img.shape)
     expected = segment_blockwise(
         ModelCache().get(ref), tmp_path / "in.tif", settings, block_size=128

@@ -175,7 +175,7 @@ def _infer_blockwise(
 
     stem = output_stem(path.name)
     target = out / f"{stem}_masks{'.zarr' if path.suffix.lower() == '.zarr' else '.tif'}"
-    with tqdm(unit="block", desc=path.name, disable=as_json, leave=False) as bar:
+    with tqdm(unit="step", desc=path.name, disable=as_json, leave=False) as bar:
 
         def progress(p: Any) -> None:
             bar.total = p.total

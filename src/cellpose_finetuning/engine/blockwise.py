@@ -308,7 +308,12 @@ class _TileGrid:
 # --------------------------------------------------------------------------- segmentation
 @dataclass(frozen=True)
 class BlockProgress:
-    """Sent after each block: ``done`` of ``total`` blocks, objects so far, seconds."""
+    """Sent after each block visit: ``done`` of ``total`` steps, objects so far, seconds.
+
+    Each block is visited twice (pass 1: network, dynamics, seeds; pass 2: flow
+    check and writing), so ``total`` is twice the number of blocks; ``objects``
+    counts objects found in pass 1, written in pass 2.
+    """
 
     done: int
     total: int

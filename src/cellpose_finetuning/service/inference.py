@@ -201,7 +201,7 @@ class InferenceMethods(ServiceBase):
                     ref, str(path), str(folder / "labels.tif"), settings, progress=job.progress
                 )
             job.n_objects = summary["n_objects"]
-            job.blocks_done = job.blocks_total = summary["n_blocks"]
+            job.blocks_done = job.blocks_total = 2 * summary["n_blocks"]  # two passes
             job.status = "uploading"
             file_name = f"{stem}_masks.tif"
             size = await asyncio.to_thread(
@@ -251,7 +251,9 @@ class InferenceMethods(ServiceBase):
         """Progress of a block-wise infer job (infer's answer for a large artifact image).
 
         Returns job_id, status ("waiting", "running", "uploading", "completed", "failed"),
-        input_path, blocks_done, blocks_total, n_objects (so far), elapsed_seconds; "error"
+        input_path, blocks_done, blocks_total (block visits: each block is visited twice, for
+        the network, then for the flow check and writing), n_objects (so far),
+        elapsed_seconds; "error"
         when failed; when completed also "artifact_id" and "file" (the labels, a zlib-tiled
         uint32 BigTIFF <stem>_masks.tif, in an artifact only you may read: fetch it with
         artifact-manager get_file), "download_url" (presigned, expires), "file_bytes",
