@@ -53,7 +53,7 @@ from cellpose_finetuning.engine.sessions import Session
 from cellpose_finetuning.errors import CellposeFinetuningError, InvalidInput
 from cellpose_finetuning.names import SERVICE_ID
 from cellpose_finetuning.scheduler import LocalInference, SessionQueue
-from cellpose_finetuning.scheduler.executors import segment_file_stream
+from cellpose_finetuning.scheduler.executors import pass_progress, segment_file_stream
 
 __all__ = [
     "InferenceReplica",
@@ -253,11 +253,9 @@ class RayInference:
         """Block-wise on a replica, progress streamed; not retried (the file is half written)."""
         try:
             stream = self.handle.options(stream=True).segment_file.remote(ref, path, out, settings)
-            async for update in stream:
-                if "result" in update:
-                    return update["result"]
-                if progress is not None:
-                    progress(update)
+            result = await pass_progress(stream, progress)
+            if result is not None:
+                return result
         except Exception as exc:
             if _is_replica_failure(exc):
                 raise CellposeFinetuningError(

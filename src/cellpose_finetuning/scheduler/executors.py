@@ -163,6 +163,22 @@ async def segment_file_stream(
         return
 
 
+async def pass_progress(
+    stream: AsyncIterator[dict[str, Any]],
+    progress: Callable[[dict[str, Any]], None] | None,
+) -> dict[str, Any] | None:
+    """Hand a :func:`segment_file_stream`'s updates to ``progress``; return its result.
+
+    None when the stream ended without one (the caller says why).
+    """
+    async for update in stream:
+        if "result" in update:
+            return update["result"]
+        if progress is not None:
+            progress(update)
+    return None
+
+
 class LocalInference:
     """Run inference in this process, in worker threads, a few calls at a time.
 
@@ -202,12 +218,11 @@ class LocalInference:
     ) -> dict[str, Any]:
         """Segment an image file block-wise in a worker thread (one call at a time here too)."""
         async with self._sem:
-            async for update in segment_file_stream(self.models, ref, path, out, settings):
-                if "result" in update:
-                    return update["result"]
-                if progress is not None:
-                    progress(update)
-        raise AssertionError("the stream ends with its result")
+            stream = segment_file_stream(self.models, ref, path, out, settings)
+            result = await pass_progress(stream, progress)
+        if result is None:
+            raise AssertionError("the stream ends with its result")
+        return result
 
     async def close(self) -> None:
         """Nothing to release: models go with the process."""
