@@ -238,6 +238,7 @@ SERVE_SERVICE = {
     "max_active_sessions_per_user": "max_active_sessions_per_user",
     "max_epochs": "max_epochs",
     "max_pixels": "max_pixels",
+    "max_blockwise_pixels": "max_blockwise_pixels",
     "max_files": "max_files",
     "max_sessions_per_user": "max_sessions_per_user",
     "max_waiting_infers_per_user": "max_waiting_infers_per_user",

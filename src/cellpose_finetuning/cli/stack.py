@@ -73,6 +73,7 @@ def _fields(config: type, options: dict[str, Any], prefix: str = "") -> dict[str
 @settings_option(ServiceConfig, "max_active_sessions_per_user")
 @settings_option(ServiceConfig, "max_epochs")
 @settings_option(ServiceConfig, "max_pixels")
+@settings_option(ServiceConfig, "max_blockwise_pixels")
 @settings_option(ServiceConfig, "max_files")
 @settings_option(ServiceConfig, "max_sessions_per_user")
 @settings_option(ServiceConfig, "max_waiting_infers_per_user")

@@ -21,6 +21,12 @@ class ServiceConfig(BaseModel):
     max_pixels: int = Field(
         64 * 1024 * 1024, ge=1, description="Largest image accepted, in values (all axes)."
     )
+    max_blockwise_pixels: int = Field(
+        1 << 31,
+        ge=1,
+        description="Largest 2D image (Y x X pixels) segmented block-wise as an infer job "
+        "(whole slides; the default is about 46,000²).",
+    )
     max_files: int = Field(50_000, ge=1, description="Most files a dataset listing may have.")
     max_images_per_call: int = Field(64, ge=1)
     worker_threads: int | None = Field(None, description="Torch threads per training worker.")

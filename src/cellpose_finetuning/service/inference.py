@@ -46,17 +46,19 @@ from cellpose_finetuning.service.payloads import (
     encode_mask_png,
 )
 
-__all__ = ["InferenceMethods", "file_goes_blockwise"]
+__all__ = ["InferenceMethods", "blockwise_shape"]
 
 
-def file_goes_blockwise(path: Path, settings: InferenceSettings, name: str) -> bool:
-    """Whether an artifact image file is segmented block-wise from disk (as a job).
+def blockwise_shape(path: Path, settings: InferenceSettings, name: str) -> tuple[int, ...] | None:
+    """The (C, H, W) shape of an artifact image segmented block-wise from disk (as a job).
 
-    2D TIFF/OME-TIFF/Zarr images only (read lazily), by the engine's rule
-    (:func:`~cellpose_finetuning.engine.inference.blockwise_size`).
+    None for one pass. 2D TIFF/OME-TIFF/Zarr images only (read lazily), by the
+    engine's rule (:func:`~cellpose_finetuning.engine.inference.blockwise_size`).
     """
     shape = lazy_2d_shape(path)
-    return shape is not None and blockwise_size(shape, settings, name=name) is not None
+    if shape is None or blockwise_size(shape, settings, name=name) is None:
+        return None
+    return shape
 
 
 class InferenceMethods(ServiceBase):
@@ -155,7 +157,14 @@ class InferenceMethods(ServiceBase):
             assert self.artifacts is not None
             local = await self.artifacts.download(record["id"], paths, record=record)
             for p in paths:
-                if await asyncio.to_thread(file_goes_blockwise, local[p], settings, p):
+                shape = await asyncio.to_thread(blockwise_shape, local[p], settings, p)
+                if shape is not None:
+                    height, width = int(shape[-2]), int(shape[-1])
+                    if height * width > self.config.max_blockwise_pixels:
+                        raise ResourceLimit(
+                            f"{p}: {height}x{width} pixels is more than the limit of "
+                            f"{self.config.max_blockwise_pixels:,} for block-wise segmentation"
+                        )
                     jobs[p] = local[p]
                     continue
                 images.append(read_image(local[p], max_pixels=self.config.max_pixels))
