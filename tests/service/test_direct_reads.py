@@ -72,7 +72,8 @@ async def test_direct_reads_give_the_presigned_bytes_and_reuse_the_cache(
         assert direct[paths[0]].is_relative_to(tmp_path / "d" / record["_id"])
         # listed from S3 directly, the files read as the artifact manager lists them
         by_hypha = await direct_files.stat(artifact, paths)
-        assert await direct_files._direct_stat(record, paths, None) == by_hypha
+        prefix = direct_files.direct.key_prefix(record)
+        assert await direct_files._direct_stat(prefix, paths) == by_hypha
         # the same files again: nothing is read, from S3 or through a URL
         before = {p: direct[p].stat().st_mtime_ns for p in paths}
         again = await direct_files.download(artifact, paths)

@@ -340,9 +340,11 @@ class ArtifactFiles:
         """
         if record is None:
             record = await self.read(artifact_id)
+        # Where the default layout puts the files in S3; None: presigned URLs only.
+        prefix = self.direct.key_prefix(record, version) if self.direct is not None else None
         if files is None or any(p not in files for p in paths):
             missing = [p for p in paths if p not in (files or {})]
-            listed = await self._direct_stat(record, missing, version)
+            listed = await self._direct_stat(prefix, missing)
             if listed is None:
                 listed = await self.stat(artifact_id, missing, version=version)
             files = {**(files or {}), **listed}
@@ -359,36 +361,19 @@ class ArtifactFiles:
             if progress:
                 progress(done, total)
 
-        if todo and self.direct is not None:
-            todo = await self._download_direct(record, todo, local, files, version, arrived)
+        if todo and prefix is not None and self.direct is not None:
+            keys = {p: prefix + safe_relpath(p, "path") for p in todo}
+            todo = await self.direct.fetch(keys, local, files, arrived)
         if todo:
             await self._download_presigned(artifact_id, todo, local, files, version, arrived)
         return local
 
     async def _direct_stat(
-        self, record: dict[str, Any], paths: list[str], version: str | None
+        self, prefix: str | None, paths: list[str]
     ) -> dict[str, FileInfo] | None:
-        """``paths`` listed from S3 directly; None: ask the artifact manager."""
-        prefix = self.direct.key_prefix(record, version) if self.direct is not None else None
+        """``paths`` listed from S3 directly below ``prefix``; None: ask the artifact manager."""
         got = await self.direct.stat(prefix, paths) if prefix and self.direct else None
         return None if got is None else {p: FileInfo(*got[p]) for p in paths}
-
-    async def _download_direct(
-        self,
-        record: dict[str, Any],
-        todo: list[str],
-        local: dict[str, Path],
-        files: dict[str, FileInfo],
-        version: str | None,
-        arrived: Callable[[int], None],
-    ) -> list[str]:
-        """Read ``todo`` straight from S3; the paths that must go through presigned URLs."""
-        assert self.direct is not None
-        prefix = self.direct.key_prefix(record, version)
-        if prefix is None:
-            return todo
-        keys = {p: prefix + safe_relpath(p, "path") for p in todo}
-        return await self.direct.fetch(keys, local, files, arrived)
 
     async def _download_presigned(
         self,

@@ -155,13 +155,16 @@ class DirectS3Reader:
             if code in ("NoSuchKey", "404", "NotFound", "NoSuchBucket", "AccessDenied", "403"):
                 return f"S3 {code}"
             raise
-        body = resp["Body"].read()
-        if size is not None and len(body) != size:
-            return f"{len(body)} bytes in S3, {size} listed"
         dest.parent.mkdir(parents=True, exist_ok=True)
         tmp = dest.with_name(f".{dest.name}.{threading.get_ident()}.s3")
-        with open(tmp, "wb") as fh:
-            fh.write(body)
+        written = 0
+        with open(tmp, "wb") as fh:  # in chunks: a whole-slide image never sits in memory
+            for chunk in resp["Body"].iter_chunks(1 << 20):
+                fh.write(chunk)
+                written += len(chunk)
+        if size is not None and written != size:
+            tmp.unlink()
+            return f"{written} bytes in S3, {size} listed"
         if last_modified is not None:
             os.utime(tmp, (last_modified, last_modified))
         os.replace(tmp, dest)
