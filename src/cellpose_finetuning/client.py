@@ -22,8 +22,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from cellpose_finetuning.data.artifacts import publish_package as _publish
 from cellpose_finetuning.data.artifacts import upload_files
+from cellpose_finetuning.data.publishing import publish_package as _publish
 
 __all__ = [
     "connect",

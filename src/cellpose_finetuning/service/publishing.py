@@ -6,7 +6,8 @@ import asyncio
 from pathlib import Path
 from typing import Any
 
-from cellpose_finetuning.data.artifacts import list_children, parse_artifact_id, publish_package
+from cellpose_finetuning.data.artifacts import parse_artifact_id
+from cellpose_finetuning.data.publishing import list_children, publish_package
 from cellpose_finetuning.engine.schemas import INFERENCE_DEFAULTS as INF
 from cellpose_finetuning.engine.schemas import (
     InferenceSettings,
