@@ -26,7 +26,7 @@ from pathlib import Path
 import psutil
 import pytest
 
-from cellpose_finetuning.deploy.ray_backend import RAY_PIDS_FILE, stop_ray_leftovers
+from cellpose_finetuning.deploy.ray_leftovers import RAY_PIDS_FILE, stop_ray_leftovers
 from cellpose_finetuning.deploy.serve import mask_token
 from cellpose_finetuning.deploy.stack import port_is_free
 from cellpose_finetuning.deploy.stack.connection import CONNECTION_KEYS
