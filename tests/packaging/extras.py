@@ -18,6 +18,7 @@ EXTRAS_OF: dict[str, frozenset[str]] = {
     # remote commands, dataset upload: hypha-rpc, httpx
     "cellpose_finetuning/client.py": frozenset({"client"}),
     "cellpose_finetuning/data/artifacts.py": frozenset({"client"}),
+    "cellpose_finetuning/data/publishing.py": frozenset({"client"}),
     # direct S3 reads on the embedded stack (boto3): only built when serving on it
     "cellpose_finetuning/data/s3direct.py": frozenset({"server"}),
     # the service object and its token checks also run on BioEngine replicas ([client,export])
