@@ -16,10 +16,10 @@ import numpy as np
 if TYPE_CHECKING:
     from cellpose_finetuning.engine.blockwise import Block
 
-__all__: list[str] = []  # helpers of engine.blockwise only
+__all__ = ["ObjectStore", "finish_masks", "keep_centred", "masks_before_flow_check", "write_kept"]
 
 
-def _masks_before_flow_check(
+def masks_before_flow_check(
     flows_yx: np.ndarray,
     cellprob: np.ndarray,
     *,
@@ -97,7 +97,7 @@ def _masks_before_flow_check(
     return get_masks_torch(p, inds, shape, max_size_fraction=max_size_fraction)
 
 
-def _finish_masks(
+def finish_masks(
     masks: np.ndarray,
     dp: np.ndarray,
     n_kept: int,
@@ -131,7 +131,7 @@ def _finish_masks(
     return utils.fill_holes_and_remove_small_masks(masks, min_size=min_size)
 
 
-class _ObjectStore:
+class ObjectStore:
     """Per block, the kept objects (sparse) and their network flows, on disk.
 
     Pass 2 needs them after every block has run; on disk they cost no memory.
@@ -199,7 +199,7 @@ class _ObjectStore:
         return masks.reshape(shape), dp.reshape(2, *shape), n_kept
 
 
-def _keep_centred(masks: np.ndarray, blk: Block, shape: tuple[int, int]) -> tuple[np.ndarray, int]:
+def keep_centred(masks: np.ndarray, blk: Block, shape: tuple[int, int]) -> tuple[np.ndarray, int]:
     """Labels of ``masks`` whose centroid lies in the block's core; and how many of them are cut."""
     n = int(masks.max())
     if n == 0:
@@ -232,7 +232,7 @@ def _keep_centred(masks: np.ndarray, blk: Block, shape: tuple[int, int]) -> tupl
     return kept, cut
 
 
-def _write(target: Any, blk: Block, masks: np.ndarray, kept: np.ndarray, offset: int) -> int:
+def write_kept(target: Any, blk: Block, masks: np.ndarray, kept: np.ndarray, offset: int) -> int:
     """Write the kept objects as labels ``offset+1...``; pixels already labelled stay."""
     if kept.size == 0:
         return 0

@@ -69,11 +69,11 @@ import numpy as np
 
 from cellpose_finetuning.engine.blockio import LazyImage, open_image, open_output
 from cellpose_finetuning.engine.blockmasks import (
-    _finish_masks,
-    _keep_centred,
-    _masks_before_flow_check,
-    _ObjectStore,
-    _write,
+    ObjectStore,
+    finish_masks,
+    keep_centred,
+    masks_before_flow_check,
+    write_kept,
 )
 from cellpose_finetuning.engine.schemas import InferenceSettings
 from cellpose_finetuning.errors import InvalidInput
@@ -439,7 +439,7 @@ def segment_blockwise(
     steps = 2 * len(blocks)
     truncated = found = max_ext = 0
     with tempfile.TemporaryDirectory(prefix="cpft-blocks-") as tmp:
-        store = _ObjectStore(tmp)
+        store = ObjectStore(tmp)
         # Pass 1: network, flow dynamics and seeds per block; the objects centred
         # in the core are kept, with their flows, for the flow check.
         for k, blk in enumerate(blocks):
@@ -448,7 +448,7 @@ def segment_blockwise(
             for t in needed[k]:
                 if last_use[t] == k:
                     del grid.cache[t]
-            masks = _masks_before_flow_check(
+            masks = masks_before_flow_check(
                 yf[:2],
                 yf[2],
                 niter=niter,
@@ -458,7 +458,7 @@ def segment_blockwise(
                 max_size_fraction=0.4 * total_px / (yf.shape[1] * yf.shape[2]),
                 device=model.device,
             )
-            kept, cut = _keep_centred(masks, blk, (height, width))
+            kept, cut = keep_centred(masks, blk, (height, width))
             truncated += cut
             found += int(kept.size)
             max_ext = max(max_ext, store.put(k, masks, kept, yf[:2]))
@@ -472,14 +472,16 @@ def segment_blockwise(
         for k, blk in enumerate(blocks):
             stored = store.get(k)
             if stored is not None:
-                masks = _finish_masks(
+                masks = finish_masks(
                     *stored,
                     settings.flow_threshold,
                     settings.min_size,
                     2 * max_ext,
                     model.device,
                 )
-                n_new = _write(target, blk, masks, np.arange(1, int(masks.max()) + 1), n_objects)
+                n_new = write_kept(
+                    target, blk, masks, np.arange(1, int(masks.max()) + 1), n_objects
+                )
             else:
                 n_new = 0
             n_objects += n_new
