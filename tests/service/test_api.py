@@ -328,7 +328,8 @@ async def test_2500_files_are_listed_past_the_old_1000_cap(alice, running_stack,
     data = json.loads(
         (running_stack.data_dir / "sessions" / started["session_id"] / "data.json").read_text()
     )
-    assert data["source"]["n_available"] == 2500
+    assert data["source"]["n_files_listed"] == 2500
+    assert data["source"]["n_available"] == 1250  # pairs, as the CLI records it
 
 
 async def test_remote_cli_uploads_trains_and_infers(running_stack, dev_data, tmp_path):

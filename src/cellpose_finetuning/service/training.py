@@ -286,7 +286,8 @@ class TrainingMethods(ServiceBase):
                 source={**specs, "max_pixels": self.config.max_pixels},
                 dataset_artifact_id=artifact_id,
             )
-            data.source["n_available"] = n_listed
+            # n_available (engine): training pairs to sample from; this: files listed.
+            data.source["n_files_listed"] = n_listed
             n_train, n_test = len(data.train), len(data.test)
 
             def progress(done: int, total: int) -> None:
