@@ -170,7 +170,9 @@ async def infer_files(
         ``png`` (``_cp_masks.png``), ``rois`` (Fiji ``_rois.zip``), ``geojson``
         (QuPath ``.geojson``).
     **kwargs
-        ``infer`` arguments (``model``, ``diameter``...).
+        ``infer`` arguments (``model``, ``diameter``...). With ``seg`` in
+        ``save``, ``return_flows`` defaults to True: the ``_seg.npy`` files
+        carry the network's flows.
 
     Returns
     -------
@@ -183,8 +185,13 @@ async def infer_files(
     formats = check_formats(save)
     paths = [Path(p) for p in paths]
     images = [read_image(p) for p in paths]
-    masks = await infer(svc, images, **kwargs)
-    return [write_outputs(out, p.name, m, formats) for p, m in zip(paths, masks, strict=True)]
+    if "seg" in formats:  # the GUI shows the network's flows: ask for them
+        kwargs.setdefault("return_flows", True)
+    results = await svc.infer(input_arrays=list(images), **kwargs)
+    return [
+        write_outputs(out, p.name, r["output"], formats, image=img, flows=r.get("flows"))
+        for p, img, r in zip(paths, images, results, strict=True)
+    ]
 
 
 async def publish_package(

@@ -151,6 +151,11 @@ def test_infer_saves_every_format_keeping_the_whole_stem(trained_session, dev_da
     masks = tifffile.imread(entry["files"]["tif"])
     seg = np.load(entry["files"]["seg"], allow_pickle=True).item()
     np.testing.assert_array_equal(seg["masks"], masks)
+    # the network's flows, for the GUI (dP and cell probability), not zeros
+    dp_prob = seg["flows"][-1]
+    assert dp_prob.shape == (3, *masks.shape)
+    assert np.abs(dp_prob[:2]).max() > 0.1
+    assert not np.isin(dp_prob[2], [-5.0, 5.0]).all()  # not the +-5 stand-in from masks
 
 
 def test_status_plot_draws_the_curves(trained_session, tmp_path):

@@ -129,3 +129,7 @@ async def test_client_infer_files_writes_the_tools_files_with_whole_stems(
     masks = tifffile.imread(written["tif"])
     seg = np.load(written["seg"], allow_pickle=True).item()
     np.testing.assert_array_equal(seg["masks"], masks)
+    # infer_files asked for the network's flows: the GUI file carries them
+    dp_prob = seg["flows"][-1]
+    assert dp_prob.shape == (3, *masks.shape)
+    assert np.abs(dp_prob[:2]).max() > 0.1

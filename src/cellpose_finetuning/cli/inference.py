@@ -95,7 +95,13 @@ def infer(
     """
     from tqdm import tqdm
 
-    from cellpose_finetuning.engine.inference import ModelCache, ModelResolver, segment_auto
+    from cellpose_finetuning.engine.inference import (
+        ModelCache,
+        ModelResolver,
+        blockwise_size,
+        segment_auto,
+        segment_full,
+    )
     from cellpose_finetuning.io.annotations import output_stem, write_outputs
     from cellpose_finetuning.io.images import read_image
 
@@ -121,9 +127,17 @@ def infer(
             summary.append(_infer_blockwise(cp_model, path, out, settings, formats, as_json))
             continue
         image = read_image(path)
-        masks = segment_auto(cp_model, image, settings, name=str(path))
+        flows = None
+        if "seg" in formats and image.ndim == 3 and blockwise_size(image.shape, settings) is None:
+            # the GUI shows the network's flows: keep them for the _seg.npy
+            seg = segment_full(
+                cp_model, image, settings.model_copy(update={"return_flows": True}), name=str(path)
+            )
+            masks, flows = seg.masks, seg.flows
+        else:
+            masks = segment_auto(cp_model, image, settings, name=str(path))
         stem = output_stem(path.name)
-        written = write_outputs(out, path.name, masks, formats, image=image)
+        written = write_outputs(out, path.name, masks, formats, image=image, flows=flows)
         target = next(iter(written.values()))
         if overlay and image.ndim == 3:
             from PIL import Image

@@ -289,16 +289,14 @@ def remote_infer(
     Example:
       cellpose-finetuning remote infer --model SESSION_ID img.tif --out masks/ --save seg
     """
-    from cellpose_finetuning.io.annotations import write_outputs
-    from cellpose_finetuning.io.images import read_image
-
-    arrays = [read_image(p) for p in images]
+    from cellpose_finetuning.client import infer_files
 
     async def body(_server: Any, svc: Any) -> Any:
-        return await svc.infer(model=model, input_arrays=arrays, diameter=diameter)
+        return await infer_files(
+            svc, list(images), out, save=save_formats(save), model=model, diameter=diameter
+        )
 
-    for path, result in zip(images, _remote_run(ctx, body), strict=True):
-        written = write_outputs(out, path.name, result["output"], save_formats(save))
+    for path, written in zip(images, _remote_run(ctx, body), strict=True):
         click.echo(f"{path} -> {', '.join(str(p) for p in written.values())}")
 
 

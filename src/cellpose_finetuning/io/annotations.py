@@ -156,6 +156,7 @@ def write_outputs(
     masks: np.ndarray,
     formats: Iterable[str] = ("tif",),
     image: np.ndarray | None = None,
+    flows: list[np.ndarray] | None = None,
 ) -> dict[str, Path]:
     """Write an image's masks in the chosen formats.
 
@@ -172,6 +173,10 @@ def write_outputs(
         Any of :data:`OUTPUT_FORMATS`.
     image : numpy.ndarray, optional
         The image, stored in ``_seg.npy`` writers' calls (cellpose's writer takes it).
+    flows : list of numpy.ndarray, optional
+        The network's flows for ``_seg.npy`` (cellpose's ``[HSV picture, dP,
+        cell probability]``, as ``infer`` with ``return_flows`` gives them), so
+        the GUI shows them; without them the file's XY flows are zero.
 
     Returns
     -------
@@ -191,7 +196,7 @@ def write_outputs(
         if fmt == "tif":
             out[fmt] = write_mask(target, masks)
         elif fmt == "seg":
-            out[fmt] = write_seg_npy(out_dir, image_name, masks, image)
+            out[fmt] = write_seg_npy(out_dir, image_name, masks, image, flows)
         elif fmt == "png":
             out[fmt] = write_cp_masks_png(out_dir, image_name, masks)
         elif fmt == "rois":
