@@ -116,7 +116,12 @@ class StackConfig:
     startup_timeout : float
         Seconds each server may take to become ready.
     hypha_stop_timeout, weed_stop_timeout : float
-        Seconds after SIGTERM before SIGKILL.
+        Seconds after SIGTERM before SIGKILL. SeaweedFS's filer waits a
+        hard-coded 15 s on SIGTERM for its own S3 gateway's metadata
+        subscription, which never ends; weed stops after Hypha, its only
+        client, so nothing is in flight and every write is already in the
+        volume files and the filer's journal: a kill after 3 s loses nothing
+        (``tests/deploy/test_stack.py`` restarts on the same data).
     weed_extra_args, hypha_extra_args : tuple of str
         Appended to each command line (e.g. ``("-volume.max=64",)``).
     web_page : bool
@@ -137,7 +142,7 @@ class StackConfig:
     jwt_secret: str | None = field(default=None, repr=False)
     startup_timeout: float = 90.0
     hypha_stop_timeout: float = 10.0
-    weed_stop_timeout: float = 30.0
+    weed_stop_timeout: float = 3.0
     weed_extra_args: tuple[str, ...] = ()
     hypha_extra_args: tuple[str, ...] = ()
     web_page: bool = True

@@ -508,7 +508,10 @@ class EmbeddedStack:
             ):
                 proc = self._procs.get(name)
                 if proc is not None:
-                    self._terminate(name, proc, 0.0 if quick else grace)
+                    # weed's filer outwaits its grace (see StackConfig.weed_stop_timeout)
+                    processes.terminate(
+                        name, proc, 0.0 if quick else grace, kill_expected=name == "weed"
+                    )
                     self._procs.pop(name, None)
         finally:
             if owner:
@@ -521,11 +524,6 @@ class EmbeddedStack:
                         self._connection_written = False
                     self._release_lock()
                     atexit.unregister(self.stop)
-
-    @staticmethod
-    def _terminate(name: str, proc: subprocess.Popen[bytes], grace: float) -> None:
-        """SIGTERM ``proc``'s process group; SIGKILL it after ``grace`` seconds."""
-        processes.terminate(name, proc, grace)
 
     def __enter__(self) -> EmbeddedStack:
         return self.start()

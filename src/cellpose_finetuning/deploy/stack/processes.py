@@ -136,8 +136,13 @@ def log_tail(log_path: Path, offset: int = 0, lines: int = 20) -> str:
     return "\n".join(text.splitlines()[-lines:])
 
 
-def terminate(name: str, proc: subprocess.Popen[bytes], grace: float) -> None:
-    """SIGTERM ``proc``'s process group; SIGKILL it after ``grace`` seconds."""
+def terminate(
+    name: str, proc: subprocess.Popen[bytes], grace: float, *, kill_expected: bool = False
+) -> None:
+    """SIGTERM ``proc``'s process group; SIGKILL it after ``grace`` seconds.
+
+    ``kill_expected``: the kill is the normal end (logged at INFO, not WARNING).
+    """
     if proc.poll() is None and grace > 0:
         with contextlib.suppress(ProcessLookupError):
             os.killpg(proc.pid, signal.SIGTERM)
@@ -145,7 +150,8 @@ def terminate(name: str, proc: subprocess.Popen[bytes], grace: float) -> None:
             proc.wait(timeout=grace)
     if proc.poll() is None:
         if grace > 0:
-            log.warning("%s did not stop within %.0f s; killing it", name, grace)
+            level = logging.INFO if kill_expected else logging.WARNING
+            log.log(level, "%s did not stop within %.0f s; killing it", name, grace)
         with contextlib.suppress(ProcessLookupError):
             os.killpg(proc.pid, signal.SIGKILL)
         with contextlib.suppress(subprocess.TimeoutExpired):
