@@ -387,8 +387,11 @@ class ArtifactFiles:
             record = await self.read(artifact_id)
         key = self.cache_key(record, version)
         with self.bound.pinned(key):
-            local = await self._download(artifact_id, paths, record, files, version, progress)
-            await self._evict()
+            local, fetched = await self._download(
+                artifact_id, paths, record, files, version, progress
+            )
+            if fetched:  # a cache hit adds nothing: no need to look at the whole cache
+                await self._evict()
         return local
 
     async def _evict(self) -> None:
@@ -408,8 +411,8 @@ class ArtifactFiles:
         files: dict[str, FileInfo] | None,
         version: str | None,
         progress: Callable[[int, int], Any] | None,
-    ) -> dict[str, Path]:
-        """:meth:`download` of one pinned version."""
+    ) -> tuple[dict[str, Path], int]:
+        """:meth:`download` of one pinned version; also how many files were fetched."""
         # Where the default layout puts the files in S3; None: presigned URLs only.
         prefix = self.direct.key_prefix(record, version) if self.direct is not None else None
         if files is None or any(p not in files for p in paths):
@@ -421,6 +424,7 @@ class ArtifactFiles:
         root = self._cache_root(record, version)
         local = {p: root / safe_relpath(p, "path") for p in paths}
         todo = [p for p, dest in local.items() if not files[p].matches(dest)]
+        fetched = len(todo)
         total, done = len(paths), len(paths) - len(todo)
         if progress:
             progress(done, total)
@@ -436,7 +440,7 @@ class ArtifactFiles:
             todo = await self.direct.fetch(keys, local, files, arrived)
         if todo:
             await self._download_presigned(artifact_id, todo, local, files, version, arrived)
-        return local
+        return local, fetched
 
     async def _direct_stat(
         self, prefix: str | None, paths: list[str]
