@@ -244,6 +244,8 @@ SERVE_SERVICE = {
     "max_waiting_infers_per_user": "max_waiting_infers_per_user",
     "training_time_slice": "training_time_slice_s",
     "direct_s3_reads": "direct_s3_reads",
+    "cache_max_bytes": "cache_max_bytes",
+    "job_result_ttl_hours": "job_result_ttl_hours",
 }
 SERVE_RAY = {
     "ray_address": "address",

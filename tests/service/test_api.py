@@ -223,7 +223,12 @@ async def test_anonymous_callers_may_only_infer_cpsam_on_arrays(running_stack, d
         await server.disconnect()
 
 
-async def test_stop_and_continue(alice, dataset):
+async def test_stop_and_continue(alice, dataset, running_stack):
+    """Continuing needs no cache: the session keeps its own links to the dataset files."""
+    import json
+    import shutil
+    from pathlib import Path
+
     _, svc = alice
     started = await svc.start_training(
         artifact=dataset,
@@ -238,6 +243,13 @@ async def test_stop_and_continue(alice, dataset):
     stopped = await follow(svc, sid, interval=0.3, show_progress=False)
     assert stopped["status_type"] == "stopped"
     done = len(stopped["train_losses"])
+    session_dir = running_stack.data_dir / "sessions" / sid
+    data = json.loads((session_dir / "data.json").read_text())
+    assert data["train"] and all(
+        Path(f).is_relative_to(session_dir / "dataset") for pair in data["train"] for f in pair
+    )
+    for cached in (running_stack.data_dir / "cache").iterdir():  # as if all were evicted
+        shutil.rmtree(cached)
     await svc.restart_training(sid, n_epochs=1)
     final = await follow(svc, sid, interval=0.3, show_progress=False)
     assert final["status_type"] == "completed" and len(final["train_losses"]) == done + 1

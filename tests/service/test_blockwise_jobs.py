@@ -109,3 +109,50 @@ async def test_block_size_with_a_diameter_is_refused_by_name(alice, slide_dir):
             model="tiny-nuclei", artifact=dataset, image_paths=["slide.tif"], block_size=BLOCK,
             diameter=17.0,
         )  # fmt: skip
+
+
+def _service():
+    """The service ``serve`` runs in this process for the test session."""
+    import gc
+
+    from cellpose_finetuning.service.api import CellposeService
+
+    found = [o for o in gc.get_objects() if isinstance(o, CellposeService)]
+    services = [s for s in found if s.artifacts is not None and s.owners.service_user]
+    assert len(services) == 1
+    return services[0]
+
+
+async def test_expired_results_are_deleted_but_only_the_services_own(alice, slide_dir):
+    from cellpose_finetuning.service.jobs import RESULT_PREFIX, delete_expired_results
+
+    server, svc = alice
+    dataset = await upload_folder(server, slide_dir, alias="slide-data-expiry")
+    (item,) = await svc.infer(
+        model="tiny-nuclei", artifact=dataset, image_paths=["slide.tif"], block_size=BLOCK
+    )
+    status, _ = await _poll(svc, item["job_id"])
+    assert status["status"] == "completed", status
+    result = status["artifact_id"]
+    assert result.split("/")[1] == RESULT_PREFIX + item["job_id"]
+    # alice plants an artifact with a result's alias in the service's workspace
+    am = await server.get_service("public/artifact-manager")
+    planted = await am.create(
+        workspace=result.split("/")[0],
+        alias=f"{RESULT_PREFIX}planted-by-alice",
+        type="generic",
+        manifest={"name": "planted"},
+    )
+    service = _service()
+    own_am, user = service.artifacts.am, service.owners.service_user
+    hour = 3600.0
+    young = await delete_expired_results(own_am, service_user=user, ttl_s=hour)
+    assert result not in young and planted["id"] not in young
+    later = time.time() + 2 * hour
+    old = await delete_expired_results(own_am, service_user=user, ttl_s=hour, now=later)
+    assert result in old and planted["id"] not in old
+    with pytest.raises(Exception, match="(?i)not exist|not found"):
+        await own_am.read(result)
+    assert (await am.read(planted["id"]))["id"] == planted["id"]
+    await am.delete(planted["id"], delete_files=True)
+    assert not (service.config.data_dir / "jobs" / item["job_id"]).exists()

@@ -78,6 +78,8 @@ def _fields(config: type, options: dict[str, Any], prefix: str = "") -> dict[str
 @settings_option(ServiceConfig, "max_sessions_per_user")
 @settings_option(ServiceConfig, "max_waiting_infers_per_user")
 @settings_option(ServiceConfig, "direct_s3_reads")
+@settings_option(ServiceConfig, "cache_max_bytes")
+@settings_option(ServiceConfig, "job_result_ttl_hours")
 @click.option(
     "--training-time-slice",
     type=float,

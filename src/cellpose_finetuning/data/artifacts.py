@@ -16,20 +16,29 @@ size and last-modified time as the store lists them (a cached file carries
 the store's time as its own mtime; any difference means "download again").
 So a dataset deleted and re-created under the same alias, a new version, or
 a file rewritten in place is never served from stale files.
+
+The cache can be bounded (``max_bytes``, :mod:`cellpose_finetuning.data.cache`):
+after each download the least recently used artifact versions are removed
+until it fits, except versions in use. A download pins its version while it
+runs; whoever reads the files afterwards holds a pin too (:meth:`ArtifactFiles.fetched`,
+or :meth:`ArtifactFiles.pin` and :meth:`ArtifactFiles.unpin`).
 """
 
 from __future__ import annotations
 
 import asyncio
 import hashlib
+import logging
 import os
 import re
-from collections.abc import Callable, Iterable
+from collections.abc import AsyncIterator, Callable, Iterable
+from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 from urllib.parse import urlparse
 
+from cellpose_finetuning.data.cache import CacheBound
 from cellpose_finetuning.data.pairing import safe_relpath, spec_dir
 from cellpose_finetuning.errors import Forbidden, InvalidInput, NotFound
 
@@ -45,6 +54,7 @@ __all__ = [
 
 _ALIAS = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
 PAGE = 1000
+log = logging.getLogger("cellpose_finetuning.data.artifacts")
 #: Presigned URLs asked for per call, and calls in flight at once (downloads).
 URL_BATCH = 100
 URL_CALLS = 4
@@ -139,6 +149,9 @@ class ArtifactFiles:
         the service holds the keys) instead of through presigned URLs; a
         file it cannot place or find goes through a presigned URL. Whoever
         calls :meth:`download` has checked the caller's permission already.
+    max_bytes : int
+        Bound of the cache (least recently used versions not in use are
+        evicted after each download); 0: unbounded.
     """
 
     def __init__(
@@ -148,9 +161,11 @@ class ArtifactFiles:
         *,
         concurrency: int = 16,
         direct: DirectS3Reader | None = None,
+        max_bytes: int = 0,
     ) -> None:
         self.am = artifact_manager
         self.cache_dir = Path(cache_dir)
+        self.bound = CacheBound(self.cache_dir, max_bytes)
         self.concurrency = concurrency
         self.direct = direct
         #: Who owns which workspace (``service.auth.WorkspaceOwners``), set by the service.
@@ -306,8 +321,40 @@ class ArtifactFiles:
         return self._cache_root(record, version) / safe_relpath(path, "path")
 
     def _cache_root(self, record: dict[str, Any], version: str | None) -> Path:
+        return self.cache_dir / self.cache_key(record, version)
+
+    def cache_key(self, record: dict[str, Any], version: str | None = None) -> str:
+        """``<uid>/<version>``: the cached version a record (and version name) reads from."""
         name = version if version and _ALIAS.match(version) else artifact_version(record)
-        return self.cache_dir / artifact_uid(record) / name
+        return f"{artifact_uid(record)}/{name}"
+
+    def pin(self, record: dict[str, Any], version: str | None = None) -> str:
+        """Keep the record's cached version from eviction until :meth:`unpin` (returns its key)."""
+        key = self.cache_key(record, version)
+        self.bound.acquire(key)
+        return key
+
+    def unpin(self, key: str) -> None:
+        """Drop a pin taken with :meth:`pin`."""
+        self.bound.release(key)
+
+    @asynccontextmanager
+    async def fetched(
+        self,
+        artifact_id: str,
+        paths: list[str],
+        *,
+        record: dict[str, Any] | None = None,
+        **kwargs: Any,
+    ) -> AsyncIterator[dict[str, Path]]:
+        """:meth:`download`, the files staying in the cache until the block ends."""
+        if record is None:
+            record = await self.read(artifact_id)
+        key = self.pin(record, kwargs.get("version"))
+        try:
+            yield await self.download(artifact_id, paths, record=record, **kwargs)
+        finally:
+            self.unpin(key)
 
     async def download(
         self,
@@ -338,6 +385,34 @@ class ArtifactFiles:
         """
         if record is None:
             record = await self.read(artifact_id)
+        key = self.cache_key(record, version)
+        with self.bound.pinned(key):
+            local, fetched = await self._download(
+                artifact_id, paths, record, files, version, progress
+            )
+            if fetched:  # a cache hit adds nothing: no need to look at the whole cache
+                await self._evict()
+        return local
+
+    async def _evict(self) -> None:
+        """Bring the cache within its bound (versions in use stay); a failure is only logged."""
+        if self.bound.max_bytes <= 0:
+            return
+        try:
+            await asyncio.to_thread(self.bound.evict)
+        except Exception:
+            log.exception("evicting from the download cache failed; next download tries again")
+
+    async def _download(
+        self,
+        artifact_id: str,
+        paths: list[str],
+        record: dict[str, Any],
+        files: dict[str, FileInfo] | None,
+        version: str | None,
+        progress: Callable[[int, int], Any] | None,
+    ) -> tuple[dict[str, Path], int]:
+        """:meth:`download` of one pinned version; also how many files were fetched."""
         # Where the default layout puts the files in S3; None: presigned URLs only.
         prefix = self.direct.key_prefix(record, version) if self.direct is not None else None
         if files is None or any(p not in files for p in paths):
@@ -349,6 +424,7 @@ class ArtifactFiles:
         root = self._cache_root(record, version)
         local = {p: root / safe_relpath(p, "path") for p in paths}
         todo = [p for p, dest in local.items() if not files[p].matches(dest)]
+        fetched = len(todo)
         total, done = len(paths), len(paths) - len(todo)
         if progress:
             progress(done, total)
@@ -364,7 +440,7 @@ class ArtifactFiles:
             todo = await self.direct.fetch(keys, local, files, arrived)
         if todo:
             await self._download_presigned(artifact_id, todo, local, files, version, arrived)
-        return local
+        return local, fetched
 
     async def _direct_stat(
         self, prefix: str | None, paths: list[str]

@@ -17,6 +17,7 @@ of ours, and the service keeps serving.
 from __future__ import annotations
 
 import asyncio
+import logging
 from collections.abc import Callable
 from typing import Any
 
@@ -38,13 +39,19 @@ from cellpose_finetuning.service.auth import WorkspaceOwners
 from cellpose_finetuning.service.config import ServiceConfig
 from cellpose_finetuning.service.edge import api_method, inference_schema, scrub_paths
 from cellpose_finetuning.service.inference import InferenceMethods
-from cellpose_finetuning.service.jobs import InferenceJobs
+from cellpose_finetuning.service.jobs import (
+    SWEEP_INTERVAL_S,
+    InferenceJobs,
+    delete_expired_results,
+)
 from cellpose_finetuning.service.payloads import MODEL_NAME
 from cellpose_finetuning.service.publishing import PublishingMethods
 from cellpose_finetuning.service.sessions import SessionMethods
 from cellpose_finetuning.service.training import TrainingMethods
 
 __all__ = ["CellposeService", "ServiceConfig", "scrub_paths"]
+
+log = logging.getLogger("cellpose_finetuning.service.api")
 
 
 class CellposeService(InferenceMethods, TrainingMethods, SessionMethods, PublishingMethods):
@@ -106,7 +113,12 @@ class CellposeService(InferenceMethods, TrainingMethods, SessionMethods, Publish
 
             direct = DirectS3Reader(s3)
         self.artifacts = (
-            ArtifactFiles(artifact_manager, config.cache_dir, direct=direct)
+            ArtifactFiles(
+                artifact_manager,
+                config.cache_dir,
+                direct=direct,
+                max_bytes=config.cache_max_bytes,
+            )
             if artifact_manager
             else None
         )
@@ -118,6 +130,7 @@ class CellposeService(InferenceMethods, TrainingMethods, SessionMethods, Publish
         self._prepare_tasks: dict[str, asyncio.Task[None]] = {}
         #: Block-wise infer jobs (service/jobs.py); their scratch files under data_dir/jobs.
         self.jobs = InferenceJobs(config.data_dir / "jobs")
+        self._sweeper: asyncio.Task[None] | None = None
 
     async def start(self) -> None:
         """Start the queue and recover sessions left over by a previous run."""
@@ -130,11 +143,42 @@ class CellposeService(InferenceMethods, TrainingMethods, SessionMethods, Publish
                     message="Interrupted by a service restart before training started; "
                     "continue it with restart_training.",
                 )
+        self._sweeper = asyncio.get_running_loop().create_task(self._sweep_forever())
+
+    async def _sweep_forever(self) -> None:
+        """Sweep now, then every :data:`SWEEP_INTERVAL_S` seconds, until closed."""
+        while True:
+            await self.sweep()
+            await asyncio.sleep(SWEEP_INTERVAL_S)
+
+    async def sweep(self) -> list[str]:
+        """Delete expired job results and left-over job scratch folders; never raises.
+
+        Returns
+        -------
+        list of str
+            The result artifacts deleted.
+        """
+        try:
+            self.jobs.clean_leftovers()
+            if self.artifacts is None:
+                return []
+            return await delete_expired_results(
+                self.artifacts.am,
+                service_user=self.owners.service_user,
+                ttl_s=self.config.job_result_ttl_hours * 3600.0,
+            )
+        except Exception:
+            log.exception("sweeping expired job results failed; the next sweep tries again")
+            return []
 
     async def close(self) -> None:
         """Stop the queue (running workers are asked to stop) and the inference executor."""
         for task in self._prepare_tasks.values():
             task.cancel()
+        if self._sweeper is not None:
+            self._sweeper.cancel()
+            await asyncio.gather(self._sweeper, return_exceptions=True)
         await self.jobs.close()
         await self.queue.close()
         await self.inference.close()

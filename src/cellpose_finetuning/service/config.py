@@ -47,6 +47,19 @@ class ServiceConfig(BaseModel):
         description="Seconds a training keeps its slot before it pauses (after its epoch) "
         "for another user's waiting session; None: never.",
     )
+    cache_max_bytes: int = Field(
+        20 * 1024**3,
+        ge=0,
+        description="Bound of the dataset download cache in bytes: after each download the "
+        "least recently used dataset versions not in use are removed until it fits; 0: "
+        "unbounded.",
+    )
+    job_result_ttl_hours: float = Field(
+        168.0,
+        ge=0,
+        description="Hours a block-wise infer job's result artifact (its labels) is kept; "
+        "older ones this service created are deleted at start and hourly; 0: kept forever.",
+    )
     direct_s3_reads: bool = Field(
         True,
         description="Where the service is given the store's S3 keys (the embedded stack), read "

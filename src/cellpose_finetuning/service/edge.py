@@ -30,6 +30,7 @@ from cellpose_finetuning.errors import (
 )
 
 __all__ = [
+    "DATASET_DIR",
     "SERVICE_INFERENCE_FIELDS",
     "STATUS_TYPES",
     "WEIGHT_FILES",
@@ -44,6 +45,8 @@ __all__ = [
 ]
 
 log = logging.getLogger("cellpose_finetuning.service.api")
+#: A session's own links to its dataset files (``<session>/dataset/<path>``).
+DATASET_DIR = "dataset"
 F = TypeVar("F", bound=Callable[..., Any])
 
 
@@ -67,12 +70,14 @@ def public_error(exc: Exception) -> Exception:
 def scrub_paths(text: str, data_dir: Path) -> str:
     """Take the server's own paths out of a message for a remote caller.
 
-    A cached dataset file (``<data-dir>/cache/<id>/<version>/<path>``) is
+    A cached dataset file (``<data-dir>/cache/<id>/<version>/<path>``) or a
+    session's link to one (``<data-dir>/sessions/<id>/dataset/<path>``) is
     named by its path in the dataset; anything else under the data directory
     by ``<data-dir>/...``.
     """
     root = re.escape(str(data_dir))
     text = re.sub(root + r"/cache/[^/\s'\"]+/[^/\s'\"]+/", "", text)
+    text = re.sub(root + rf"/sessions/[^/\s'\"]+/{DATASET_DIR}/", "", text)
     return re.sub(root, "<data-dir>", text)
 
 

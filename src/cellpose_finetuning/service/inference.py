@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 from pathlib import Path
 from typing import Any
@@ -41,7 +42,12 @@ from cellpose_finetuning.service.edge import (
     public_error,
     scrub_paths,
 )
-from cellpose_finetuning.service.jobs import InferenceJob, InferenceJobs, compress_labels
+from cellpose_finetuning.service.jobs import (
+    RESULT_PREFIX,
+    InferenceJob,
+    InferenceJobs,
+    compress_labels,
+)
 from cellpose_finetuning.service.payloads import (
     encode_mask_png,
 )
@@ -116,6 +122,23 @@ class InferenceMethods(ServiceBase):
             block_size=block_size,
             block_overlap=block_overlap,
         )
+        with contextlib.ExitStack() as stack:  # the cached artifact version stays until done
+            return await self._infer(
+                stack, caller, settings, model, artifact, image_paths, input_arrays, json_safe
+            )
+
+    async def _infer(
+        self,
+        stack: contextlib.ExitStack,
+        caller: Any,
+        settings: InferenceSettings,
+        model: str,
+        artifact: str | None,
+        image_paths: list[str] | None,
+        input_arrays: list[Any] | None,
+        json_safe: bool,
+    ) -> list[dict[str, Any]]:
+        """infer's work; ``stack`` holds the pin of the artifact version read."""
         if (input_arrays is None) == (image_paths is None):
             raise InvalidInput("input_arrays", "give either input_arrays or artifact + image_paths")
         if model is None or model == "":
@@ -126,6 +149,7 @@ class InferenceMethods(ServiceBase):
         images: list[np.ndarray] = []
         names: list[str] = []
         jobs: dict[str, Path] = {}  # artifact images segmented block-wise from disk, as jobs
+        pins: dict[str, str] = {}  # their cached versions
         if input_arrays is not None:
             if not isinstance(input_arrays, list | tuple) or not input_arrays:
                 raise InvalidInput("input_arrays", "must be a non-empty list of arrays")
@@ -155,6 +179,8 @@ class InferenceMethods(ServiceBase):
             paths = [safe_relpath(p, f"image_paths[{i}]") for i, p in enumerate(image_paths)]
             record = await readable_artifact(self.artifacts, artifact, caller)
             assert self.artifacts is not None
+            pin = self.artifacts.pin(record)  # each job pins again; released below
+            stack.callback(self.artifacts.unpin, pin)
             local = await self.artifacts.download(record["id"], paths, record=record)
             for p in paths:
                 shape = await asyncio.to_thread(blockwise_shape, local[p], settings, p)
@@ -166,12 +192,15 @@ class InferenceMethods(ServiceBase):
                             f"{self.config.max_blockwise_pixels:,} for block-wise segmentation"
                         )
                     jobs[p] = local[p]
+                    pins[p] = pin
                     continue
                 images.append(read_image(local[p], max_pixels=self.config.max_pixels))
                 names.append(p)
         for img, name in zip(images, names, strict=True):
             check_input_size(img, settings.diameter, self.config.max_pixels, name=name)
-        started = {p: self._start_job(ref, p, path, settings, caller) for p, path in jobs.items()}
+        started = {
+            p: self._start_job(ref, p, path, settings, caller, pins[p]) for p, path in jobs.items()
+        }
         results: list[Any] = []
         if images:
             async with self.infer_gate.slot(caller.id):  # round robin between users
@@ -191,10 +220,20 @@ class InferenceMethods(ServiceBase):
 
     # ------------------------------------------------------------------ block-wise jobs
     def _start_job(
-        self, ref: Any, name: str, path: Path, settings: InferenceSettings, caller: Any
+        self,
+        ref: Any,
+        name: str,
+        path: Path,
+        settings: InferenceSettings,
+        caller: Any,
+        pin: str,
     ) -> InferenceJob:
+        """Start a job; it keeps the image's cached version pinned until it ends."""
+        assert self.artifacts is not None
         job = self.jobs.new(caller.id, name)
+        self.artifacts.bound.acquire(pin)
         job.task = asyncio.create_task(self._run_job(job, ref, path, settings))
+        job.task.add_done_callback(lambda _t: self.artifacts and self.artifacts.unpin(pin))
         return job
 
     async def _run_job(
@@ -241,7 +280,7 @@ class InferenceMethods(ServiceBase):
         assert self.artifacts is not None
         am = self.artifacts.am
         art = await am.create(
-            alias=f"cpft-labels-{job.id}",
+            alias=f"{RESULT_PREFIX}{job.id}",
             type="generic",
             stage=True,
             manifest={
@@ -430,16 +469,16 @@ class InferenceMethods(ServiceBase):
                 f"test_images: {len(pairs)} pairs; at most {self.config.max_images_per_call} "
                 "per evaluation"
             )
-        local = await self.artifacts.download(
+        async with self.artifacts.fetched(
             artifact_id, [p for pair in pairs for p in (pair.image, pair.annotation)]
-        )
-        for pair in pairs:
-            read_image(local[pair.image], max_pixels=self.config.max_pixels)  # size check
-        data = await asyncio.to_thread(
-            load_labelled,
-            [(local[p.image], local[p.annotation]) for p in pairs],
-            [p.image for p in pairs],
-        )
+        ) as local:
+            for pair in pairs:
+                read_image(local[pair.image], max_pixels=self.config.max_pixels)  # size check
+            data = await asyncio.to_thread(
+                load_labelled,
+                [(local[p.image], local[p.annotation]) for p in pairs],
+                [p.image for p in pairs],
+            )
         images = [img for _, img, _ in data]
         predictions, seconds = {}, {}
         for name, ref in zip(models, refs, strict=True):

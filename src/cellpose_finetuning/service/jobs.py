@@ -15,12 +15,18 @@ artifact in the service's workspace that only the caller may read; the
 status then carries the artifact id, the file name and a download URL.
 
 Jobs live in the service's memory: a restart forgets them (the result
-artifacts stay).
+artifacts stay). Result artifacts expire (``ServiceConfig.job_result_ttl_hours``):
+:func:`delete_expired_results` deletes those older than that, at start and then
+hourly, but only root artifacts of the service's workspace whose alias is a
+result's (:data:`RESULT_PREFIX`) *and* whose ``created_by`` is the service's own
+user: on hypha 0.21.137 anyone can create artifacts in another user's workspace,
+under any alias.
 """
 
 from __future__ import annotations
 
 import asyncio
+import logging
 import shutil
 import time
 import uuid
@@ -32,7 +38,22 @@ import numpy as np
 
 from cellpose_finetuning.errors import NotFound, ResourceLimit
 
-__all__ = ["InferenceJob", "InferenceJobs", "compress_labels"]
+__all__ = [
+    "RESULT_PREFIX",
+    "InferenceJob",
+    "InferenceJobs",
+    "compress_labels",
+    "delete_expired_results",
+    "expired_results",
+]
+
+log = logging.getLogger("cellpose_finetuning.service.jobs")
+#: Alias of a job's result artifact: this prefix and the job id.
+RESULT_PREFIX = "cpft-labels-"
+#: Seconds between sweeps of expired results and left-over scratch folders.
+SWEEP_INTERVAL_S = 3600.0
+#: Artifacts asked for per ``list`` call (the artifact manager's most).
+LIST_PAGE = 1000
 
 #: Jobs one user may have running (waiting or segmenting) at once.
 MAX_RUNNING_JOBS_PER_USER = 4
@@ -120,11 +141,98 @@ class InferenceJobs:
         """Remove a job's scratch folder."""
         shutil.rmtree(self.work_dir / job.id, ignore_errors=True)
 
+    def clean_leftovers(self) -> list[str]:
+        """Remove scratch folders of jobs not running here (a killed process left them)."""
+        if not self.work_dir.is_dir():
+            return []
+        running = {j.id for j in self._jobs.values() if j.finished is None}
+        gone = [p.name for p in self.work_dir.iterdir() if p.name not in running]
+        for name in gone:
+            shutil.rmtree(self.work_dir / name, ignore_errors=True)
+        return gone
+
     async def close(self) -> None:
         """Cancel running jobs."""
         for job in self._jobs.values():
             if job.task is not None and not job.task.done():
                 job.task.cancel()
+
+
+def expired_results(
+    records: list[dict[str, Any]], *, service_user: str | None, now: float, ttl_s: float
+) -> list[str]:
+    """Ids of the result artifacts to delete among artifact records.
+
+    A record qualifies when its alias starts with :data:`RESULT_PREFIX`, its
+    ``created_by`` is ``service_user`` and its ``created_at`` (epoch seconds)
+    is at least ``ttl_s`` before ``now``. Without a ``service_user`` nothing does.
+    """
+    if not service_user or ttl_s <= 0:
+        return []
+    out = []
+    for record in records:
+        artifact_id = str(record.get("id") or "")
+        alias = str(record.get("alias") or artifact_id.rpartition("/")[2])
+        created = record.get("created_at")
+        if (
+            alias.startswith(RESULT_PREFIX)
+            and artifact_id.rpartition("/")[2] == alias
+            and record.get("created_by") == service_user
+            and isinstance(created, int | float)
+            and not isinstance(created, bool)
+            and now - created >= ttl_s
+        ):
+            out.append(artifact_id)
+    return out
+
+
+async def _root_artifacts(artifact_manager: Any) -> list[dict[str, Any]]:
+    """Every root artifact of the connection's workspace, committed or staged."""
+    out: list[dict[str, Any]] = []
+    offset = 0
+    while True:
+        page = await artifact_manager.list(stage="all", offset=offset, limit=LIST_PAGE, silent=True)
+        out.extend(dict(item) for item in page)
+        if len(page) < LIST_PAGE:
+            return out
+        offset += LIST_PAGE
+
+
+async def delete_expired_results(
+    artifact_manager: Any,
+    *,
+    service_user: str | None,
+    ttl_s: float,
+    now: float | None = None,
+) -> list[str]:
+    """Delete the service's result artifacts older than ``ttl_s`` (see :func:`expired_results`).
+
+    A deletion that fails is logged and left for the next sweep.
+
+    Returns
+    -------
+    list of str
+        The ids deleted.
+    """
+    if not service_user or ttl_s <= 0:
+        return []
+    records = await _root_artifacts(artifact_manager)
+    expired = expired_results(
+        records, service_user=service_user, now=time.time() if now is None else now, ttl_s=ttl_s
+    )
+    deleted = []
+    for artifact_id in expired:
+        try:
+            await artifact_manager.delete(artifact_id, delete_files=True)
+        except Exception as exc:
+            log.warning(
+                "could not delete expired result %s (next sweep retries): %s", artifact_id, exc
+            )
+            continue
+        deleted.append(artifact_id)
+    if deleted:
+        log.info("deleted %d expired block-wise job result(s)", len(deleted))
+    return deleted
 
 
 def compress_labels(src: Path, dst: Path, tile: int = 512) -> int:

@@ -6,6 +6,7 @@ import asyncio
 import posixpath
 from typing import Any
 
+from cellpose_finetuning.data.cache import link_tree
 from cellpose_finetuning.data.metadata import load_metadata_document, pairs_from_metadata
 from cellpose_finetuning.data.pairing import (
     Pair,
@@ -44,6 +45,7 @@ from cellpose_finetuning.service.auth import (
 )
 from cellpose_finetuning.service.base import ServiceBase
 from cellpose_finetuning.service.edge import (
+    DATASET_DIR,
     api_method,
     public_error,
     status_dict,
@@ -152,12 +154,12 @@ class TrainingMethods(ServiceBase):
             raise InvalidInput(
                 "metadata_dir", f"no JSON files in {metadata_dir!r} of {artifact_id!r}"
             )
-        local = await self.artifacts.download(artifact_id, json_files)
         documents = {}
-        for name in json_files:
-            if local[name].stat().st_size > 16 * 1024 * 1024:
-                raise ResourceLimit(f"metadata_dir: {name} is larger than 16 MiB")
-            documents[name] = load_metadata_document(local[name].read_bytes(), name)
+        async with self.artifacts.fetched(artifact_id, json_files) as local:
+            for name in json_files:
+                if local[name].stat().st_size > 16 * 1024 * 1024:
+                    raise ResourceLimit(f"metadata_dir: {name} is larger than 16 MiB")
+                documents[name] = load_metadata_document(local[name].read_bytes(), name)
         train, test = pairs_from_metadata(documents)
         folders = {
             posixpath.dirname(p) for pair in (*train, *test) for p in (pair.image, pair.annotation)
@@ -297,10 +299,13 @@ class TrainingMethods(ServiceBase):
                         f"({n_train} training pairs, {n_test} test pairs)"
                     )
 
-            local = await self.artifacts.download(
+            async with self.artifacts.fetched(
                 artifact_id, data.files(), record=record, progress=progress
-            )
-            session.write_data(data.renamed(local))
+            ) as cached:
+                # The session's own links: training and export never read the cache,
+                # which may evict this version once preparation is over.
+                own = await asyncio.to_thread(link_tree, cached, session.path / DATASET_DIR)
+            session.write_data(data.renamed(own))
             self.queue.submit(session)
         except asyncio.CancelledError:
             # Only stop_training and shutdown cancel this task.
@@ -374,24 +379,24 @@ class TrainingMethods(ServiceBase):
 
     async def _check_pairs(self, artifact_id: str, pairs: list[Pair]) -> list[str]:
         """Read every pair as training would; one line per file that fails."""
-        from cellpose_finetuning.io.images import read_mask
-
         assert self.artifacts is not None
         wanted = [p for pair in pairs for p in (pair.image, pair.annotation)]
-        local = await self.artifacts.download(artifact_id, wanted)
+        async with self.artifacts.fetched(artifact_id, wanted) as local:
+            return await asyncio.to_thread(self._check_local_pairs, pairs, local)
 
-        def check() -> list[str]:
-            problems = []
-            for pair in pairs:
-                try:
-                    img = read_image(local[pair.image], max_pixels=self.config.max_pixels)
-                    read_mask(local[pair.annotation], expected_shape=tuple(img.shape[-2:]))
-                except CellposeFinetuningError as exc:
-                    problems.append(
-                        str(exc)
-                        .replace(str(local[pair.image]), pair.image)
-                        .replace(str(local[pair.annotation]), pair.annotation)
-                    )
-            return problems
+    def _check_local_pairs(self, pairs: list[Pair], local: dict[str, Any]) -> list[str]:
+        """One line per downloaded file that training could not read."""
+        from cellpose_finetuning.io.images import read_mask
 
-        return await asyncio.to_thread(check)
+        problems = []
+        for pair in pairs:
+            try:
+                img = read_image(local[pair.image], max_pixels=self.config.max_pixels)
+                read_mask(local[pair.annotation], expected_shape=tuple(img.shape[-2:]))
+            except CellposeFinetuningError as exc:
+                problems.append(
+                    str(exc)
+                    .replace(str(local[pair.image]), pair.image)
+                    .replace(str(local[pair.annotation]), pair.annotation)
+                )
+        return problems
