@@ -111,7 +111,8 @@ def test_scratch_folders_of_jobs_not_running_are_removed(tmp_path):
         (jobs.folder(job) / "labels.tif").write_bytes(b"x")
     (tmp_path / "from-a-killed-process").mkdir()
     assert sorted(jobs.clean_leftovers()) == sorted([done.id, "from-a-killed-process"])
-    assert [p.name for p in tmp_path.iterdir()] == [running.id]
+    assert [p.name for p in tmp_path.iterdir() if p.is_dir()] == [running.id]
+    assert {p.name for p in tmp_path.glob("*.json")} == {f"{running.id}.json", f"{done.id}.json"}
 
 
 class _Broken:

@@ -143,6 +143,7 @@ class CellposeService(InferenceMethods, TrainingMethods, SessionMethods, Publish
                     message="Interrupted by a service restart before training started; "
                     "continue it with restart_training.",
                 )
+        self.jobs.load()  # a restart keeps answering polls of earlier block-wise jobs
         self._sweeper = asyncio.get_running_loop().create_task(self._sweep_forever())
 
     async def _sweep_forever(self) -> None:

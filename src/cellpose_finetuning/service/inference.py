@@ -271,6 +271,7 @@ class InferenceMethods(ServiceBase):
             job.error = scrub_paths(str(public_error(exc)), self.config.data_dir)
         finally:
             job.finished = time.time()
+            self.jobs.save(job)
             self.jobs.clean(job)
 
     async def _upload_labels(self, job: InferenceJob, path: Path) -> dict[str, Any]:
@@ -304,12 +305,22 @@ class InferenceMethods(ServiceBase):
         elapsed_seconds; "error"
         when failed; when completed also "artifact_id" and "file" (the labels, a zlib-tiled
         uint32 BigTIFF <stem>_masks.tif, in an artifact only you may read: fetch it with
-        artifact-manager get_file), "download_url" (presigned, expires), "file_bytes",
+        artifact-manager get_file), "download_url" (presigned, made afresh at each poll; absent
+        once the result expired), "file_bytes",
         "shape", "dtype", "block_size", "overlap" and "truncated". Only the caller who
-        started the job may poll it.
+        started the job may poll it; a restarted service still answers (a job it was
+        running then reads "failed", interrupted by the restart).
         """
         caller = caller_from_context(context)
-        return self.jobs.get(job_id, caller.id).public()
+        out = self.jobs.get(job_id, caller.id).public()
+        if out["status"] == "completed" and self.artifacts is not None:
+            # a fresh URL each poll: the first one expires, and records on disk keep none
+            out.pop("download_url", None)
+            with contextlib.suppress(Exception):  # the result expired (deleted): no URL
+                out["download_url"] = await self.artifacts.am.get_file(
+                    out["artifact_id"], file_path=out["file"]
+                )
+        return out
 
     @staticmethod
     def _result_item(

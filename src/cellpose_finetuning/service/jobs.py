@@ -14,8 +14,11 @@ found, and the labels, written region by region to disk, are compressed
 artifact in the service's workspace that only the caller may read; the
 status then carries the artifact id, the file name and a download URL.
 
-Jobs live in the service's memory: a restart forgets them (the result
-artifacts stay). Result artifacts expire (``ServiceConfig.job_result_ttl_hours``):
+Each job's record (owner, status, progress at the end, result) is kept in
+``<jobs dir>/<id>.json``, written when the job starts and when it ends, so a
+restarted service still answers a poll: a finished job as it ended, one that
+was running as ``failed`` ("interrupted by a service restart"). Result
+artifacts expire (``ServiceConfig.job_result_ttl_hours``):
 :func:`delete_expired_results` deletes those older than that, at start and then
 hourly, but only root artifacts of the service's workspace whose alias is a
 result's (:data:`RESULT_PREFIX`) *and* whose ``created_by`` is the service's own
@@ -26,7 +29,10 @@ under any alias.
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import json
 import logging
+import os
 import shutil
 import time
 import uuid
@@ -61,6 +67,13 @@ MAX_RUNNING_JOBS_PER_USER = 4
 MAX_KEPT_JOBS_PER_USER = 50
 
 
+#: The fields of a job's record on disk.
+_RECORD_FIELDS = (
+    "id", "owner", "input_path", "status", "blocks_done", "blocks_total", "n_objects",
+    "started", "finished", "error", "result",
+)  # fmt: skip
+
+
 @dataclass
 class InferenceJob:
     """One block-wise segmentation of one artifact image."""
@@ -84,6 +97,12 @@ class InferenceJob:
         self.blocks_done = int(update["done"])
         self.blocks_total = int(update["total"])
         self.n_objects = int(update["objects"])
+
+    def record(self) -> dict[str, Any]:
+        """What is kept on disk: everything but the task and the presigned URL (it expires)."""
+        out = {k: getattr(self, k) for k in _RECORD_FIELDS}
+        out["result"] = {k: v for k, v in self.result.items() if k != "download_url"}
+        return out
 
     def public(self) -> dict[str, Any]:
         """What ``get_inference_status`` returns."""
@@ -109,6 +128,44 @@ class InferenceJobs:
         self.work_dir = work_dir
         self._jobs: dict[str, InferenceJob] = {}
 
+    def _record_path(self, job_id: str) -> Path:
+        return self.work_dir / f"{job_id}.json"
+
+    def save(self, job: InferenceJob) -> None:
+        """Write the job's record (atomically); a failure is logged, the job goes on."""
+        path = self._record_path(job.id)
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = path.with_suffix(".json.tmp")
+            tmp.write_text(json.dumps(job.record()))
+            os.replace(tmp, path)
+        except OSError as exc:
+            log.warning("could not record inference job %s: %s", job.id, exc)
+
+    def load(self) -> int:
+        """Take the records a previous run left; jobs it was running become failed.
+
+        Returns the number of jobs loaded. Unreadable records are skipped (logged).
+        """
+        if not self.work_dir.is_dir():
+            return 0
+        now = time.time()
+        for path in sorted(self.work_dir.glob("*.json")):
+            try:
+                data = json.loads(path.read_text())
+                job = InferenceJob(
+                    **{k: data[k] for k in InferenceJob(id="", owner="", input_path="").record()}
+                )
+            except (OSError, ValueError, KeyError, TypeError) as exc:
+                log.warning("skipping unreadable inference job record %s: %s", path.name, exc)
+                continue
+            if job.finished is None:
+                job.status, job.finished = "failed", now
+                job.error = "interrupted by a service restart; call infer again"
+                self.save(job)
+            self._jobs[job.id] = job
+        return len(self._jobs)
+
     def new(self, owner: str, input_path: str) -> InferenceJob:
         """Register a job for ``owner`` (refused above the per-user cap)."""
         mine = [j for j in self._jobs.values() if j.owner == owner]
@@ -120,8 +177,11 @@ class InferenceJobs:
         finished = sorted((j for j in mine if j.finished), key=lambda j: j.finished or 0)
         for old in finished[: max(0, len(finished) - MAX_KEPT_JOBS_PER_USER + 1)]:
             del self._jobs[old.id]
+            with contextlib.suppress(OSError):
+                self._record_path(old.id).unlink()
         job = InferenceJob(id=uuid.uuid4().hex, owner=owner, input_path=input_path)
         self._jobs[job.id] = job
+        self.save(job)
         return job
 
     def get(self, job_id: Any, owner: str) -> InferenceJob:
@@ -146,7 +206,7 @@ class InferenceJobs:
         if not self.work_dir.is_dir():
             return []
         running = {j.id for j in self._jobs.values() if j.finished is None}
-        gone = [p.name for p in self.work_dir.iterdir() if p.name not in running]
+        gone = [p.name for p in self.work_dir.iterdir() if p.is_dir() and p.name not in running]
         for name in gone:
             shutil.rmtree(self.work_dir / name, ignore_errors=True)
         return gone
