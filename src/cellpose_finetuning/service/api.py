@@ -47,7 +47,7 @@ from cellpose_finetuning.service.jobs import (
 from cellpose_finetuning.service.payloads import MODEL_NAME
 from cellpose_finetuning.service.publishing import PublishingMethods
 from cellpose_finetuning.service.sessions import SessionMethods
-from cellpose_finetuning.service.training import TrainingMethods
+from cellpose_finetuning.service.training import TrainingMethods, adopt_cached_files
 
 __all__ = ["CellposeService", "ServiceConfig", "scrub_paths"]
 
@@ -136,6 +136,10 @@ class CellposeService(InferenceMethods, TrainingMethods, SessionMethods, Publish
         """Start the queue and recover sessions left over by a previous run."""
         self.queue.start()
         for session in self.sessions:
+            try:  # sessions from before the cache was bounded read from it: give them their own
+                adopt_cached_files(session, self.config.cache_dir)
+            except (OSError, ValueError, KeyError) as exc:
+                log.warning("session %s keeps reading from the cache: %s", session.id, exc)
             status = session.read_status()  # reconciles dead workers to "failed"
             if status.status_type in ("waiting", "preparing") and not status.worker_pid:
                 session.update_status(

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import posixpath
+from pathlib import Path
 from typing import Any
 
 from cellpose_finetuning.data.cache import link_tree
@@ -400,3 +401,38 @@ class TrainingMethods(ServiceBase):
                     .replace(str(local[pair.annotation]), pair.annotation)
                 )
         return problems
+
+
+def adopt_cached_files(session: Any, cache_dir: Path) -> int:
+    """Link a session's files that still point into the cache into the session itself.
+
+    Sessions prepared before the cache was bounded (``ServiceConfig.cache_max_bytes``)
+    read their dataset from ``<cache>/<uid>/<version>/<path>``; eviction would take
+    those files from under a continue or an export. Each such file still there is
+    hard-linked to ``<session>/dataset/<path>`` and ``data.json`` rewritten.
+
+    Returns
+    -------
+    int
+        Files adopted (0 when the session holds its own already).
+    """
+    if not (session.path / "data.json").is_file():
+        return 0
+    data = session.data
+    cache = cache_dir.resolve()
+    rel: dict[str, str] = {}
+    for name in data.files():
+        try:
+            parts = Path(name).resolve().relative_to(cache).parts
+        except ValueError:
+            continue  # the session's own link, or a local file (CLI sessions)
+        if len(parts) > 2 and Path(name).is_file():
+            rel[name] = "/".join(parts[2:])  # the dataset path below <uid>/<version>/
+    if not rel:
+        return 0
+    links = link_tree({rel[n]: Path(n) for n in rel}, session.path / DATASET_DIR)
+    session.write_data(
+        data.renamed({n: links[rel[n]] if n in rel else n for n in data.files()}),
+        update_status=False,
+    )
+    return len(rel)
