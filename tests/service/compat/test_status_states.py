@@ -59,7 +59,10 @@ async def captured(carol, dev_data):
             await svc.stop_training(first)
             stopped = True
         b = seen_status(seen, second)
-        if stopped and b and b["status_type"] in ("completed", "failed"):
+        ended = ("stopped", "completed", "failed")
+        # Sessions start in the order their preparation ends, so the second may be done
+        # before the first is stopped: poll on until the stop has been seen as well.
+        if stopped and a["status_type"] in ended and b and b["status_type"] in ended:
             break
         await asyncio.sleep(0.05)
     # A run that fails in the worker: no training image has that many objects.
