@@ -149,7 +149,7 @@ class InferenceMethods(ServiceBase):
         images: list[np.ndarray] = []
         names: list[str] = []
         jobs: dict[str, Path] = {}  # artifact images segmented block-wise from disk, as jobs
-        pins: dict[str, str] = {}  # their cached versions
+        pin = ""  # the cached version they read (one artifact per call)
         if input_arrays is not None:
             if not isinstance(input_arrays, list | tuple) or not input_arrays:
                 raise InvalidInput("input_arrays", "must be a non-empty list of arrays")
@@ -192,14 +192,13 @@ class InferenceMethods(ServiceBase):
                             f"{self.config.max_blockwise_pixels:,} for block-wise segmentation"
                         )
                     jobs[p] = local[p]
-                    pins[p] = pin
                     continue
                 images.append(read_image(local[p], max_pixels=self.config.max_pixels))
                 names.append(p)
         for img, name in zip(images, names, strict=True):
             check_input_size(img, settings.diameter, self.config.max_pixels, name=name)
         started = {
-            p: self._start_job(ref, p, path, settings, caller, pins[p]) for p, path in jobs.items()
+            p: self._start_job(ref, p, path, settings, caller, pin) for p, path in jobs.items()
         }
         results: list[Any] = []
         if images:
